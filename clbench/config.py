@@ -1,0 +1,252 @@
+"""Typed configs: one dataclass per component, and their validation.
+
+Hydra composes ``clbench/conf/``; :func:`load` then merges the result into these schemas (an unknown key or a
+wrong type fails here, naming the key) and checks ranges, all before any data or model is touched. Each
+strategy brings its own config dataclass (``strategies/<name>.py``), looked up by ``strategy.name``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what would be valid."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """A continual stream. ``name`` picks the builder in :mod:`clbench.streams`.
+
+    Attributes:
+        name: registered stream name (see ``clbench.streams.STREAMS``).
+        n_tasks: number of experiences.
+        scenario: for split streams, ``task`` (task-incremental: one head per task, labels local to the task)
+            or ``class`` (class-incremental: one head over all classes). Permuted streams are always
+            domain-incremental (one shared head) and ignore it.
+        data_root: where real data sets live (downloads go there when ``download`` is true).
+        download: allow the real loaders to download missing data.
+        test_fraction: held-out fraction for the offline sets that ship without a test split.
+        validation_fraction: fraction of each training experience held out for validation (0: none).
+        max_train_per_task: cap on training samples per experience (0: no cap); for quick runs.
+        stream_seed: seed of the stream's own randomness (permutations, class order, splits); ``null`` uses
+            the run seed.
+    """
+
+    name: str = "permuted_mnist_5k"
+    n_tasks: int = 10
+    scenario: str = "domain"
+    data_root: str = "data"
+    download: bool = False
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.0
+    max_train_per_task: int = 0
+    stream_seed: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A network from :mod:`clbench.models`.
+
+    Attributes:
+        name: registered model name (``mlp``).
+        hidden: widths of the hidden layers (GPM's PMNIST net: [100, 100]).
+        bias: whether the layers have biases (GPM's nets have none).
+        head: ``auto`` (one head per task when the stream is task-incremental, else one shared head),
+            ``single`` or ``multi``.
+        dropout: dropout after each hidden activation (0: none).
+    """
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    bias: bool = False
+    head: str = "auto"
+    dropout: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    """The inner training loop on Lightning Fabric.
+
+    Attributes:
+        epochs: epochs per experience.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        lr: learning rate of experiences 2..T.
+        first_lr: learning rate of the first experience (papers often use a different one); null = ``lr``.
+        optimizer: ``sgd`` or ``adam``; a fresh optimizer is built for every experience (as GPM's code).
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay (note: it pulls weights along protected subspaces).
+        accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps``).
+        devices: Fabric devices (count, list or ``auto``).
+        precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
+        progress: ``auto`` (a live display on a TTY, one line per experience otherwise), ``bar`` or ``none``.
+        cache_bytes: experiences up to this size are cached as tensors on the device; larger ones stream
+            through a DataLoader.
+        checkpoint_every_epoch: checkpoint at every epoch end (always at every experience end).
+    """
+
+    epochs: int = 5
+    batch_size: int = 10
+    eval_batch_size: int = 1000
+    lr: float = 0.01
+    first_lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    accelerator: str = "auto"
+    devices: Any = 1
+    precision: str = "32-true"
+    progress: str = "auto"
+    cache_bytes: int = 2**30
+    checkpoint_every_epoch: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking.
+
+    Attributes:
+        uri: tracking URI; the default is an embedded SQLite store in the working directory. Name a server
+            (``http://host:5000``) to log there.
+        experiment: MLflow experiment name; a sweep logs all its runs into it.
+        run_name: run name; null = ``<strategy>-<benchmark>-s<seed>``.
+        artifact_root: where a new experiment on a local store keeps artifacts.
+    """
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "clbench"
+    run_name: str | None = None
+    artifact_root: str = "mlartifacts"
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's config; ``name`` picks the class in :mod:`strategies`."""
+
+    name: str = "naive"
+
+    def validate(self) -> None:
+        """Range checks of the strategy's own keys; raise :class:`ConfigError` naming ``strategy.<key>``."""
+
+
+@dataclass
+class RunConfig:
+    """One run: everything :func:`clbench.experiment.run` needs.
+
+    Attributes:
+        seed: seed of the model init, shuffling and sampling (and the stream unless ``stream_seed`` is set).
+        resume: continue the run with the same config from its last checkpoint, in the same MLflow run.
+        checkpoint_dir: root of the checkpoints, one folder per config (relative to the working directory).
+        threads: torch CPU threads (null: torch's default).
+    """
+
+    seed: int = 0
+    resume: bool = False
+    checkpoint_dir: str = "checkpoints"
+    threads: int | None = None
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    strategy: Any = field(default_factory=StrategyConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "benchmark.scenario": ("domain", "task", "class"),
+    "model.head": ("auto", "single", "multi"),
+    "engine.optimizer": ("sgd", "adam"),
+    "engine.progress": ("auto", "bar", "none"),
+}
+
+
+def _merge(schema: Any, node: Any, prefix: str) -> Any:
+    """Merge ``node`` into the structured ``schema``; turn OmegaConf errors into :class:`ConfigError`."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, node)
+    except ConfigKeyError as e:
+        key = f"{prefix}{e.key}" if e.key is not None else prefix.rstrip(".")
+        parent = e.full_key.rsplit(".", 1)[0] if e.full_key and "." in str(e.full_key) else ""
+        valid = sorted(OmegaConf.select(base, parent).keys() if parent else base.keys())
+        raise ConfigError(f"unknown config key '{prefix}{e.full_key}'; valid keys here: {valid}") from None
+    except (ValidationError, OmegaConfBaseException) as e:
+        raise ConfigError(f"bad value for '{prefix}{e.full_key}': {e.msg}") from None
+    return OmegaConf.to_object(merged)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"bad value for '{key}': {msg}")
+
+
+def load(cfg: DictConfig | dict) -> RunConfig:
+    """Validate a composed config and return the typed :class:`RunConfig`.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, an unknown strategy / benchmark / model or an out-of-range
+            value; the message names the key and the valid values.
+    """
+    from clbench.models import MODELS
+    from clbench.streams import STREAMS
+    from strategies import config_class, strategy_names
+
+    node = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    container = {k: v for k, v in container.items() if k != "hydra"}
+    strategy_node = container.pop("strategy", None) or {}
+    run: RunConfig = _merge(RunConfig, container | {"strategy": None}, "")
+
+    name = strategy_node.get("name")
+    if name not in strategy_names():
+        raise ConfigError(f"unknown strategy '{name}' (strategy.name); valid: {strategy_names()}")
+    run.strategy = _merge(config_class(name), strategy_node, "strategy.")
+
+    b, m, e = run.benchmark, run.model, run.engine
+    if b.name not in STREAMS:
+        raise ConfigError(f"unknown benchmark '{b.name}' (benchmark.name); valid: {sorted(STREAMS)}")
+    if m.name not in MODELS:
+        raise ConfigError(f"unknown model '{m.name}' (model.name); valid: {sorted(MODELS)}")
+    for key, choices in _CHOICES.items():
+        section, attr = key.split(".")
+        value = getattr(getattr(run, section), attr)
+        _check(value in choices, key, f"'{value}' is not one of {list(choices)}")
+    _check(b.n_tasks >= 1, "benchmark.n_tasks", f"{b.n_tasks}; must be >= 1")
+    _check(0.0 < b.test_fraction < 1.0, "benchmark.test_fraction", f"{b.test_fraction}; must be in (0, 1)")
+    _check(0.0 <= b.validation_fraction < 1.0, "benchmark.validation_fraction",
+           f"{b.validation_fraction}; must be in [0, 1)")
+    _check(b.max_train_per_task >= 0, "benchmark.max_train_per_task", "must be >= 0 (0: no cap)")
+    _check(all(h >= 1 for h in m.hidden), "model.hidden", f"{m.hidden}; widths must be >= 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}; must be in [0, 1)")
+    _check(e.epochs >= 1, "engine.epochs", f"{e.epochs}; must be >= 1")
+    _check(e.batch_size >= 1, "engine.batch_size", f"{e.batch_size}; must be >= 1")
+    _check(e.eval_batch_size >= 1, "engine.eval_batch_size", f"{e.eval_batch_size}; must be >= 1")
+    _check(e.lr > 0, "engine.lr", f"{e.lr}; must be > 0")
+    _check(e.first_lr is None or e.first_lr > 0, "engine.first_lr", f"{e.first_lr}; must be > 0 or null")
+    _check(0.0 <= e.momentum < 1.0, "engine.momentum", f"{e.momentum}; must be in [0, 1)")
+    _check(e.weight_decay >= 0, "engine.weight_decay", f"{e.weight_decay}; must be >= 0")
+    _check(run.threads is None or run.threads >= 1, "threads", f"{run.threads}; must be >= 1 or null")
+    _check(e.cache_bytes >= 0, "engine.cache_bytes", "must be >= 0")
+    run.strategy.validate()
+    return run
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a (nested) config into ``{"engine.lr": 0.01, ...}`` for MLflow params."""
+    node = OmegaConf.structured(obj) if not isinstance(obj, DictConfig | dict) else OmegaConf.create(obj)
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            out[key] = value
+
+    walk(OmegaConf.to_container(node, resolve=True), prefix)
+    return out

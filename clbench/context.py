@@ -1,0 +1,67 @@
+"""The one object the loop hands to every strategy hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from clbench.models.base import ContinualModel
+    from clbench.streams import BatchSource, Stream
+
+
+@dataclass
+class Context:
+    """What a strategy may read. Strategies keep their own state; they never mutate the loop's fields.
+
+    Attributes:
+        model: the (Fabric-wrapped) model; ``ctx.module`` is the unwrapped one, whose layers hooks attach to.
+        fabric: the Fabric instance (device, precision, collectives).
+        stream: the benchmark stream and its spec.
+        seed: the run seed; derive any randomness from it (see :meth:`generator`) so a resumed run repeats.
+        experience: index of the current experience (0-based).
+        train_source: batches of the current experience's training data.
+        sources: factory turning an Avalanche dataset into a batch source on the device.
+        optimizer: the current experience's optimizer (set by the engine).
+        epoch: index of the current epoch within the experience.
+        batch_size: the training batch size (projection strategies choose their form with it).
+    """
+
+    model: Any
+    module: ContinualModel
+    fabric: Fabric
+    stream: Stream
+    seed: int
+    batch_size: int
+    sources: Any
+    experience: int = 0
+    train_source: BatchSource | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    epoch: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def n_experiences(self) -> int:
+        return self.stream.spec.n_tasks
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, experience, *keys): reproducible across resumes."""
+        g = torch.Generator()
+        g.manual_seed(hash_seed(self.seed, self.experience, *keys))
+        return g
+
+
+def hash_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (a fixed polynomial hash, stable across processes)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h

@@ -1,0 +1,72 @@
+"""The inner training loop: one experience, on Lightning Fabric (DESIGN.md: Fabric drives the loop).
+
+Per batch: loss = model.loss(batch) [+ strategy.penalty]; Fabric backward; strategy.project; optimizer step.
+Nothing is logged per step: the loss is summed on the device and read once per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from clbench.config import EngineConfig
+    from clbench.context import Context
+    from strategies.base import Strategy
+
+_SHUFFLE_KEY = 1  # stream of randomness for the batch order
+
+EpochCallback = Callable[[int, float], None]
+
+
+class Engine:
+    """Builds each experience's optimizer and runs its epochs."""
+
+    def __init__(self, cfg: EngineConfig, fabric: Fabric) -> None:
+        self.cfg = cfg
+        self.fabric = fabric
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter], experience: int) -> torch.optim.Optimizer:
+        """A fresh optimizer for ``experience`` (GPM's code builds one per task); the first experience
+        uses ``first_lr`` when set."""
+        lr = self.cfg.first_lr if experience == 0 and self.cfg.first_lr is not None else self.cfg.lr
+        params = list(params)
+        if self.cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum,
+                                                         weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        return self.fabric.setup_optimizers(opt)
+
+    def fit(self, ctx: Context, strategy: Strategy, start_epoch: int, on_epoch_end: EpochCallback) -> None:
+        """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs``."""
+        model, optimizer, fabric = ctx.model, ctx.optimizer, self.fabric
+        assert optimizer is not None
+        source = strategy.train_source(ctx)
+        if len(source) == 0:
+            raise ValueError(f"experience {ctx.experience} has no training samples")
+        use_penalty, use_project = strategy.overrides("penalty"), strategy.overrides("project")
+        model.train()
+        for epoch in range(start_epoch, self.cfg.epochs):
+            ctx.epoch = epoch
+            total = torch.zeros((), device=fabric.device)
+            steps = 0
+            for batch in source.batches(self.cfg.batch_size, shuffle=True, generator=ctx.generator(_SHUFFLE_KEY,
+                                                                                                    epoch)):
+                optimizer.zero_grad(set_to_none=True)
+                loss = model.loss(batch)
+                if use_penalty:
+                    extra = strategy.penalty(ctx, batch)
+                    if extra is not None:
+                        loss = loss + extra
+                fabric.backward(loss)
+                if use_project:
+                    strategy.project(ctx)
+                optimizer.step()
+                total += loss.detach()
+                steps += 1
+            on_epoch_end(epoch, float(total) / steps)

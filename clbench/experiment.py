@@ -1,0 +1,194 @@
+"""The continual loop over a stream (DESIGN.md "Data flow"): train, protect, evaluate, log, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from clbench import checkpoint, metrics
+from clbench.config import RunConfig, flatten
+from clbench.context import Context
+from clbench.display import Display, format_matrix
+from clbench.engine import Engine
+from clbench.models import build_model
+from clbench.streams import batch_source, build_stream
+from clbench.tracking import Tracker, git_sha, package_versions
+from strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: R (%), the initial-model accuracies b (%), the four scores, the MLflow run id."""
+
+    R: np.ndarray
+    initial: np.ndarray
+    scores: dict[str, float]
+    run_id: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.strategy.name}-{cfg.benchmark.name}-s{cfg.seed}"
+
+
+def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = R.shape[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        header = "after_experience," + ",".join(f"task_{j}" for j in range(T))
+        rows = [f"{i}," + ",".join(f"{v:.4f}" for v in R[i]) for i in range(T)]
+        (d / "accuracy_matrix.csv").write_text("\n".join([header, *rows]) + "\n")
+        (d / "initial_accuracy.csv").write_text(
+            "task,accuracy\n" + "".join(f"{j},{v:.4f}\n" for j, v in enumerate(b)))
+        (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        fig, ax = plt.subplots(figsize=(1.0 + 0.55 * T, 0.8 + 0.5 * T))
+        im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+        for i in range(T):
+            for j in range(T):
+                ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if R[i, j] < 60 else "black")
+        ax.set_xlabel("test experience j")
+        ax.set_ylabel("after training experience i")
+        ax.set_title(f"R: {run_name(cfg)}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="accuracy (%)")
+        fig.tight_layout()
+        fig.savefig(d / "accuracy_matrix.png", dpi=120)
+        plt.close(fig)
+        for f in sorted(d.iterdir()):
+            tracker.log_artifact(f)
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``)."""
+    from lightning.fabric import Fabric
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    stream = build_stream(cfg.benchmark, cfg.seed)
+    spec = stream.spec
+    T = spec.n_tasks
+    strategy = build_strategy(cfg.strategy)
+    module = strategy.wrap_model(build_model(cfg.model, spec))
+    fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
+                    precision=cfg.engine.precision)  # type: ignore[arg-type]
+    model = fabric.setup_module(module)
+    model.mark_forward_method("loss")
+    model.mark_forward_method("predict")
+    sources = partial(batch_source, device=fabric.device, max_bytes=cfg.engine.cache_bytes)
+    ctx = Context(model=model, module=module, fabric=fabric, stream=stream, seed=cfg.seed,
+                  batch_size=cfg.engine.batch_size, sources=sources)
+    engine = Engine(cfg.engine, fabric)
+    tests = [sources(e.dataset) for e in stream.benchmark.test_stream]
+
+    def evaluate_all() -> np.ndarray:
+        model.eval()
+        row = [metrics.evaluate(model, s.batches(cfg.engine.eval_batch_size, shuffle=False), spec.n_classes,
+                                fabric.device) for s in tests]
+        model.train()
+        return np.array(row)
+
+    path = checkpoint.checkpoint_path(cfg)
+    state = checkpoint.load(path) if cfg.resume else None
+    R = np.full((T, T), np.nan)
+    if state is not None:
+        module.load_state_dict(state["model"])
+        strategy.load_state_dict(state["strategy"])
+        R, b, start = state["R"], state["initial"], state["experience"]
+        print(f"Resuming {run_name(cfg)} from {path} (experience {start + 1}/{T}, epoch {state['next_epoch']})")
+    tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
+                      tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)})
+    if state is None:
+        params = flatten(asdict(cfg)) | {f"version.{k}": v for k, v in package_versions().items()}
+        tracker.log_params(params | {"git_sha": git_sha(), "device": str(fabric.device)})
+    elif state["experience"] >= T:
+        tracker.finish()
+        return _finish_print(cfg, R, b, tracker.run_id)
+
+    display = Display(cfg.engine.progress, cfg.strategy.name, T, cfg.engine.epochs)
+    try:
+        strategy.setup(ctx)
+        if state is None:
+            b, start = evaluate_all(), 0
+        last_loss: list[float] = []
+
+        def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
+            checkpoint.save(path, {
+                "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
+                "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
+                "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
+                "run_id": tracker.run_id})
+
+        for i in range(start, T):
+            ctx.experience, ctx.epoch = i, 0
+            ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
+            mid = state is not None and i == start and state["optimizer"] is not None
+            if not mid:
+                strategy.before_experience(ctx)
+            ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
+            first_epoch = 0
+            if mid:
+                ctx.optimizer.load_state_dict(state["optimizer"])
+                first_epoch = state["next_epoch"]
+            if state is not None and i == start:
+                checkpoint.set_rng_state(state["rng"])
+
+            def on_epoch_end(epoch: int, loss: float, i: int = i) -> None:
+                tracker.log_metrics({"loss": loss}, step=i * cfg.engine.epochs + epoch)
+                display.epoch(i, epoch, loss)
+                last_loss[:] = [loss]
+                if cfg.engine.checkpoint_every_epoch:
+                    snapshot(i, epoch + 1, with_optimizer=True)
+
+            strategy.attach(ctx)
+            try:
+                engine.fit(ctx, strategy, first_epoch, on_epoch_end)
+            finally:
+                strategy.detach(ctx)
+            strategy.after_experience(ctx)
+            R[i] = evaluate_all()
+            per_exp = {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
+            per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
+            tracker.log_metrics(per_exp, step=i)
+            display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
+            ctx.optimizer = None
+            snapshot(i + 1, 0, with_optimizer=False)
+    except BaseException as error:
+        display.close()
+        tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+        raise
+    display.close()
+    scores = metrics.summary(R, b)
+    tracker.log_metrics(scores, step=T - 1)
+    _write_artifacts(tracker, cfg, R, b)
+    tracker.finish()
+    return _finish_print(cfg, R, b, tracker.run_id)
+
+
+def _finish_print(cfg: RunConfig, R: np.ndarray, b: np.ndarray, run_id: str) -> RunResult:
+    scores = metrics.summary(R, b)
+    print(f"\n== {run_name(cfg)}  (MLflow run {run_id})")
+    print("accuracy matrix R (%), row i = after experience i, column j = test experience j:")
+    print(format_matrix(R))
+    print("  ".join(f"{k.upper() if k != 'forgetting' else 'forgetting'} {v:.2f}" for k, v in scores.items()))
+    return RunResult(R=R, initial=b, scores=scores, run_id=run_id)
+

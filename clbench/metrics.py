@@ -1,0 +1,83 @@
+"""Forgetting metrics from the accuracy matrix R (all in %).
+
+R[i, j] is the test accuracy on experience j after training experience i (T × T; every entry is measured,
+including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untrained) model on experience j.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def _square(R: np.ndarray) -> np.ndarray:
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"accuracy matrix must be T × T with T >= 1, got shape {R.shape}")
+    return R
+
+
+def acc(R: np.ndarray) -> float:
+    """Average accuracy after the last experience: ACC = (1/T) Σ_j R[T−1, j]
+    (Lopez-Paz & Ranzato 2017; GPM Eq. 10)."""
+    R = _square(R)
+    return float(R[-1].mean())
+
+
+def bwt(R: np.ndarray) -> float:
+    """Backward transfer: BWT = 1/(T−1) Σ_{j<T−1} (R[T−1, j] − R[j, j]) (Lopez-Paz & Ranzato 2017, Eq. 3;
+    GPM Eq. 10). Negative means forgetting; 0 for T = 1."""
+    R = _square(R)
+    T = R.shape[0]
+    if T == 1:
+        return 0.0
+    return float(np.mean(R[-1, :-1] - np.diag(R)[:-1]))
+
+
+def fwt(R: np.ndarray, b: np.ndarray) -> float:
+    """Forward transfer: FWT = 1/(T−1) Σ_{j>0} (R[j−1, j] − b_j), b_j = accuracy of the initial model on
+    experience j (Lopez-Paz & Ranzato 2017, Eq. 4); 0 for T = 1."""
+    R = _square(R)
+    b = np.asarray(b, dtype=np.float64)
+    T = R.shape[0]
+    if b.shape != (T,):
+        raise ValueError(f"initial accuracies must have shape ({T},), got {b.shape}")
+    if T == 1:
+        return 0.0
+    return float(np.mean([R[j - 1, j] - b[j] for j in range(1, T)]))
+
+
+def forgetting(R: np.ndarray) -> float:
+    """Average forgetting: 1/(T−1) Σ_{j<T−1} max_{i<T−1} (R[i, j] − R[T−1, j]) (Chaudhry et al. 2018,
+    "max − last", Eq. 9: the max runs over every earlier row, as there). 0 for T = 1."""
+    R = _square(R)
+    T = R.shape[0]
+    if T == 1:
+        return 0.0
+    return float(np.mean([R[: T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
+
+
+def acc_seen(R: np.ndarray, i: int) -> float:
+    """Average accuracy over the experiences seen after experience i: (1/(i+1)) Σ_{j≤i} R[i, j]."""
+    return float(np.mean(_square(R)[i, : i + 1]))
+
+
+def bwt_seen(R: np.ndarray, i: int) -> float:
+    """BWT of the first i+1 experiences after experience i: (1/i) Σ_{j<i} (R[i, j] − R[j, j]); 0 for i = 0."""
+    R = _square(R)
+    return 0.0 if i == 0 else float(np.mean(R[i, :i] - np.diag(R)[:i]))
+
+
+def summary(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """The four headline scores, keyed as in MLflow: ``acc``, ``bwt``, ``fwt``, ``forgetting``."""
+    return {"acc": acc(R), "bwt": bwt(R), "fwt": fwt(R, b), "forgetting": forgetting(R)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, num_classes: int, device: torch.device) -> float:
+    """Accuracy (%) of ``model.predict`` over ``batches`` of ``(x, y, t)``, accumulated with torchmetrics."""
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    for batch in batches:
+        metric.update(model.predict(batch), batch[1])
+    return 100.0 * float(metric.compute())

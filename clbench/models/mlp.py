@@ -1,0 +1,38 @@
+"""The MLP of GPM's PMNIST experiments: 784-100-100-10, ReLU, no biases (Saha et al. 2021, §6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clbench.models.base import Classifier
+
+
+class MLP(Classifier):
+    """Fully connected ReLU net ``fc1..fcL`` + head(s).
+
+    Protected layers (GPM's code): every hidden layer, and the head when it is shared (single head, as
+    PMNIST); per-task heads are never projected.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], hidden: list[int], classes_per_task: tuple[int, ...],
+                 multi_head: bool, n_classes: int, bias: bool = False, dropout: float = 0.0) -> None:
+        in_features = math.prod(input_shape)
+        super().__init__(hidden[-1] if hidden else in_features, classes_per_task, multi_head, n_classes, bias)
+        widths = [in_features, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:], strict=False))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        for layer in self.hidden:
+            h = self.dropout(torch.relu(layer(h)))
+        return h
+
+    def protected_layers(self) -> dict[str, nn.Module]:
+        layers: dict[str, nn.Module] = {f"hidden.{i}": m for i, m in enumerate(self.hidden)}
+        if not self.multi_head:
+            layers["head"] = self.head
+        return layers

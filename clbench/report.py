@@ -1,0 +1,84 @@
+"""``clbench report``: read the MLflow store and tabulate ACC / BWT / FWT / forgetting per strategy × benchmark.
+
+Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. When one
+(strategy, benchmark, seed) was run more than once, the latest finished run counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+SCORES = ("acc", "bwt", "fwt", "forgetting")
+
+
+@dataclass
+class Row:
+    strategy: str
+    benchmark: str
+    seeds: list[int]
+    values: dict[str, list[float]]
+
+    def cell(self, key: str) -> str:
+        xs = self.values[key]
+        if not xs:
+            return "–"
+        mean = sum(xs) / len(xs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        return f"{mean:.2f} ± {std:.2f}"
+
+
+def collect(uri: str, experiment: str) -> list[Row]:
+    """Finished runs of ``experiment`` grouped by (strategy, benchmark), latest run per seed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {uri}; run `clbench` first")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=50000)
+    latest: dict[tuple[str, str, int], dict[str, float]] = {}
+    for r in runs:
+        p = r.data.params
+        if "strategy.name" not in p or "acc" not in r.data.metrics:
+            continue
+        key = (p["strategy.name"], p["benchmark.name"], int(p["seed"]))
+        latest.setdefault(key, r.data.metrics)
+    groups: dict[tuple[str, str], Row] = {}
+    acc_lists: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {k: [] for k in SCORES})
+    for (strategy, benchmark, seed), m in sorted(latest.items()):
+        row = groups.setdefault((strategy, benchmark), Row(strategy, benchmark, [], acc_lists[(strategy, benchmark)]))
+        row.seeds.append(seed)
+        for k in SCORES:
+            if k in m:
+                row.values[k].append(m[k])
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+
+
+def render(rows: list[Row], fmt: str) -> str:
+    """A markdown (``md``) or CSV table, one row per strategy × benchmark."""
+    head = ["benchmark", "strategy", "seeds", "ACC (%)", "BWT (%)", "FWT (%)", "forgetting (%)"]
+    body = [[r.benchmark, r.strategy, str(len(r.seeds)), *(r.cell(k) for k in SCORES)] for r in rows]
+    if fmt == "csv":
+        return "\n".join(",".join(x) for x in [head, *body])
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(b) for b in body)])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="clbench report", description=__doc__)
+    parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    parser.add_argument("--experiment", default="clbench", help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--format", choices=("md", "csv"), default="md")
+    args = parser.parse_args(argv)
+    rows = collect(args.uri, args.experiment)
+    if not rows:
+        print(f"no finished runs in experiment '{args.experiment}' at {args.uri}")
+        return 1
+    print(render(rows, args.format))
+    return 0

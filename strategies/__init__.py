@@ -1,0 +1,59 @@
+"""Continual-learning strategies, one file per method.
+
+A method is one module here defining a :class:`strategies.base.Strategy` subclass decorated with
+:func:`register` plus a config YAML in ``clbench/conf/strategy/``. Modules are discovered on first use, so
+nothing else needs editing to add one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clbench.config import StrategyConfig
+    from strategies.base import Strategy
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_DISCOVERED = False
+
+
+def register(name: str):
+    """Class decorator: make a Strategy subclass available as ``strategy=<name>``."""
+
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RuntimeError(f"strategy name '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if not _DISCOVERED:
+        for info in pkgutil.iter_modules(__path__):
+            if info.name != "base" and not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _DISCOVERED = True
+
+
+def strategy_names() -> list[str]:
+    """Names of every registered strategy, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def config_class(name: str) -> type[StrategyConfig]:
+    """The config dataclass of strategy ``name``."""
+    _discover()
+    return _REGISTRY[name].config_class
+
+
+def build_strategy(cfg: Any) -> Strategy:
+    """Instantiate the strategy named by ``cfg.name`` with its typed config."""
+    _discover()
+    return _REGISTRY[cfg.name](cfg)

@@ -1,0 +1,91 @@
+"""The strategy interface shared by every method, from an MLP to a federated server or a LoRA-adapted LM.
+
+Call order for experience i (see ``clbench.experiment``)::
+
+    setup(ctx)                              once, before the first experience
+    before_experience(ctx)                  state changes for experience i (new heads, rows, bases)
+    attach(ctx)                             runtime hooks that follow from the state (projectors, forward hooks)
+    per batch: loss = model.loss(batch) + penalty(ctx, batch); backward; project(ctx); optimizer.step()
+    detach(ctx)                             remove the runtime hooks
+    after_experience(ctx)                   e.g. new bases from the layer inputs
+    evaluation on every test experience
+
+A run resumed in the middle of experience i restores ``state_dict`` and calls ``attach`` again; it never
+repeats ``before_experience``. So ``before_experience`` holds the state changes, ``attach`` only what can be
+rebuilt from the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from clbench.config import StrategyConfig
+
+if TYPE_CHECKING:
+    from clbench.context import Context
+    from clbench.streams import BatchSource
+
+
+class Strategy:
+    """Base class: every hook is a no-op, so naive fine-tuning is ``Strategy`` itself."""
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        self.cfg = cfg
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the model to train (adapters wrap it here); called once, before Fabric sets it up."""
+        return model
+
+    def setup(self, ctx: Context) -> None:
+        """Called once, before the first experience."""
+
+    def before_experience(self, ctx: Context) -> None:
+        """State changes at the start of experience ``ctx.experience`` (not repeated on resume)."""
+
+    def attach(self, ctx: Context) -> None:
+        """Install runtime hooks that follow from the state; called again after a resume."""
+
+    def train_source(self, ctx: Context) -> BatchSource:
+        """The data of this experience's training; the current experience's by default."""
+        assert ctx.train_source is not None
+        return ctx.train_source
+
+    def penalty(self, ctx: Context, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """A regulariser added to the model's loss (None: nothing). Only called if overridden."""
+        return None
+
+    def project(self, ctx: Context) -> None:
+        """Reshape the gradients in place, after backward (and any all-reduce), before the optimizer step.
+        Only called if overridden."""
+
+    def parameters_to_train(self, ctx: Context) -> Iterator[torch.nn.Parameter]:
+        """Parameters the experience's optimizer updates; all trainable ones by default."""
+        return (p for p in ctx.module.parameters() if p.requires_grad)
+
+    def detach(self, ctx: Context) -> None:
+        """Remove what :meth:`attach` installed."""
+
+    def after_experience(self, ctx: Context) -> None:
+        """Called after training on experience ``ctx.experience``, before its evaluation."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars logged after each experience (e.g. basis size per layer)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume; tensors are fine."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether this class overrides ``hook`` (the loop skips no-op hot-path hooks)."""
+        return getattr(cls, hook) is not getattr(Strategy, hook)

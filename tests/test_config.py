@@ -1,0 +1,75 @@
+"""Bad configs fail before training, naming the key and what is valid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from clbench.config import ConfigError, load
+
+CONF = str(Path(__file__).resolve().parent.parent / "clbench" / "conf")
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_are_valid_and_typed():
+    cfg = load(composed())
+    assert cfg.benchmark.name == "permuted_mnist_5k"
+    assert cfg.strategy.name == "gpm" and cfg.strategy.threshold == [0.95, 0.99, 0.99]
+    assert cfg.engine.lr == 0.01 and cfg.engine.batch_size == 10
+
+
+def test_every_key_overridable():
+    cfg = load(composed("strategy=naive", "benchmark=split_digits", "seed=3", "engine.epochs=2", "engine.lr=0.05"))
+    assert (cfg.strategy.name, cfg.benchmark.name, cfg.seed, cfg.engine.epochs, cfg.engine.lr) == (
+        "naive", "split_digits", 3, 2, 0.05)
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (["+engine.foo=1"], r"unknown config key 'engine.foo'.*valid keys here: \[.*'batch_size'"),
+    (["+strategy.bogus=1"], r"unknown config key 'strategy.bogus'.*'threshold'"),
+    (["engine.epochs=abc"], r"'engine.epochs'.*abc"),
+    (["engine.lr=0"], r"'engine.lr'.*must be > 0"),
+    (["engine.lr=-0.1"], r"'engine.lr'.*must be > 0"),
+    (["engine.batch_size=0"], r"'engine.batch_size'.*>= 1"),
+    (["benchmark.n_tasks=0"], r"'benchmark.n_tasks'.*>= 1"),
+    (["strategy.threshold=[1.5]"], r"'strategy.threshold'.*\(0, 1\]"),
+    (["strategy.threshold=[0]"], r"'strategy.threshold'.*\(0, 1\]"),
+    (["strategy.rank_rule=foo"], r"'strategy.rank_rule'.*\['code', 'paper'\]"),
+    (["engine.optimizer=rmsprop"], r"'engine.optimizer'.*\['sgd', 'adam'\]"),
+    (["benchmark.name=imagenet"], r"unknown benchmark 'imagenet'.*permuted_mnist_5k"),
+    (["strategy.name=ewc_typo"], r"unknown strategy 'ewc_typo'.*gpm"),
+])
+def test_bad_config_names_key_and_valid_values(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load(composed(*overrides))
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "clbench.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_unknown_strategy_lists_options(tmp_path):
+    out = _cli("strategy=nope", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "strategy/nope" in out.stderr and "gpm" in out.stderr and "naive" in out.stderr
+
+
+def test_cli_bad_value_fails_fast_and_logs_nothing(tmp_path):
+    t0 = time.perf_counter()
+    out = _cli("engine.lr=-1", cwd=tmp_path)
+    assert time.perf_counter() - t0 < 10.0
+    assert out.returncode == 2
+    assert "engine.lr" in out.stderr and "must be > 0" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
