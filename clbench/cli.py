@@ -24,7 +24,10 @@ def _run(cfg: DictConfig) -> float:
 
     try:
         result = run(run_cfg)
-    except FileNotFoundError as e:
+    except ConfigError as e:
+        print(f"clbench: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:  # missing data: the message names the path and benchmark.download
         print(f"clbench: {e}", file=sys.stderr)
         sys.exit(2)
     return result.scores["acc"]

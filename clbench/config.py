@@ -170,7 +170,7 @@ def _merge(schema: Any, node: Any, prefix: str) -> Any:
     try:
         merged = OmegaConf.merge(base, node)
     except ConfigKeyError as e:
-        key = f"{prefix}{e.key}" if e.key is not None else prefix.rstrip(".")
+        f"{prefix}{e.key}" if e.key is not None else prefix.rstrip(".")
         parent = e.full_key.rsplit(".", 1)[0] if e.full_key and "." in str(e.full_key) else ""
         valid = sorted(OmegaConf.select(base, parent).keys() if parent else base.keys())
         raise ConfigError(f"unknown config key '{prefix}{e.full_key}'; valid keys here: {valid}") from None

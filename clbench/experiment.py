@@ -8,12 +8,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from clbench import checkpoint, metrics
-from clbench.config import RunConfig, flatten
+from clbench.config import ConfigError, RunConfig, flatten
 from clbench.context import Context
 from clbench.display import Display, format_matrix
 from clbench.engine import Engine
@@ -55,7 +56,7 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         header = "after_experience," + ",".join(f"task_{j}" for j in range(T))
-        rows = [f"{i}," + ",".join(f"{v:.4f}" for v in R[i]) for i in range(T)]
+        rows = [f"{i}," + ",".join(f"{v:.8f}" for v in R[i]) for i in range(T)]
         (d / "accuracy_matrix.csv").write_text("\n".join([header, *rows]) + "\n")
         (d / "initial_accuracy.csv").write_text(
             "task,accuracy\n" + "".join(f"{j},{v:.4f}\n" for j, v in enumerate(b)))
@@ -84,7 +85,10 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    stream = build_stream(cfg.benchmark, cfg.seed)
+    try:
+        stream = build_stream(cfg.benchmark, cfg.seed)
+    except ValueError as e:  # a benchmark key the stream cannot take (n_tasks, scenario, ...)
+        raise ConfigError(str(e)) from e
     spec = stream.spec
     T = spec.n_tasks
     strategy = build_strategy(cfg.strategy)

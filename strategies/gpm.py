@@ -16,6 +16,7 @@ Fidelity flags (defaults = the official code, which produced the published numbe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from clbench.context import Context
+
+log = logging.getLogger(__name__)
 
 _SAMPLE_KEY = 7  # stream of randomness for choosing the representation samples
 
@@ -76,13 +79,19 @@ class GPMConfig(StrategyConfig):
 
 
 def per_layer(values: list[Any], names: list[str], key: str) -> dict[str, Any]:
-    """Broadcast a one-value list to every layer, or match a list to the layers in order."""
+    """Match a per-layer list to the protected layers in order; one value applies to every layer.
+
+    A list longer than the layers is cut to its first values: GPM's PMNIST list [ε_fc1, ε_fc2, ε_head] then
+    serves a multi-head variant of the same net, whose per-task heads are not protected (gpm.md §7 does so).
+    """
     if len(values) == 1:
         return dict.fromkeys(names, values[0])
-    if len(values) != len(names):
+    if len(values) < len(names):
         raise ConfigError(f"bad value for 'strategy.{key}': {len(values)} values for {len(names)} protected "
-                          f"layers {names}; give one value or one per layer")
-    return dict(zip(names, values, strict=True))
+                          f"layers {names}; give one value, or one per layer")
+    if len(values) > len(names):
+        log.info("strategy.%s: using the first %d of %s for layers %s", key, len(names), values, names)
+    return dict(zip(names, values[: len(names)], strict=True))
 
 
 @register("gpm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -22,7 +23,7 @@ class MLP(Classifier):
         in_features = math.prod(input_shape)
         super().__init__(hidden[-1] if hidden else in_features, classes_per_task, multi_head, n_classes, bias)
         widths = [in_features, *hidden]
-        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:], strict=False))
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in itertools.pairwise(widths))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

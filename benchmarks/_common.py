@@ -1,0 +1,92 @@
+"""Helpers shared by the benchmarks: timing (median of repeats), command line, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["default_device", "parse_args", "synchronize", "timeit", "timeit_many", "write_json"]
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA work (a no-op unless CUDA has been initialised)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls, after ``warmup`` untimed calls.
+
+    CUDA work is synchronised before and after each timed call, so asynchronous kernels are counted.
+    """
+    if repeats < 1:
+        raise ValueError(f"timeit: repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timeit_many(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (one call of each per repeat).
+
+    Interleaving makes ratios between the functions robust to load that changes during the benchmark.
+    """
+    if repeats < 1:
+        raise ValueError(f"timeit_many: repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def parse_args(
+    description: str,
+    setup: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> argparse.Namespace:
+    """Parse the common benchmark options: ``--json PATH`` and ``--device`` (default cuda if available).
+
+    ``setup`` may add benchmark-specific options to the parser before parsing ``argv`` (default sys.argv).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device for clbench's side (default: %(default)s)"
+    )
+    if setup is not None:
+        setup(parser)
+    return parser.parse_args(argv)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path``, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

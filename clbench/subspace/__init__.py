@@ -1,0 +1,35 @@
+"""The subspace core: device-agnostic linear algebra for orthogonal-subspace / gradient-projection methods.
+
+No knowledge of strategies, configs or tracking. Modules:
+
+* :mod:`~clbench.subspace.inputs` — representation matrices of layer inputs (conv inputs unfolded), hooks.
+* :mod:`~clbench.subspace.basis` — energy-threshold bases (GPM Eq. 5, Eqs. 8-9), union, complement.
+* :mod:`~clbench.subspace.projection` — projection of gradients onto span(M)^⊥ (GPM Eqs. 6-7).
+* :mod:`~clbench.subspace.angles` — principal angles between subspaces.
+"""
+
+from clbench.subspace.angles import principal_angles
+from clbench.subspace.basis import (
+    basis_union,
+    energy_rank,
+    extend_basis,
+    orthonormal_complement,
+    threshold_basis,
+    top_singular,
+)
+from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix
+from clbench.subspace.projection import LayerProjector, project_out
+
+__all__ = [
+    "LayerProjector",
+    "basis_union",
+    "collect_layer_inputs",
+    "energy_rank",
+    "extend_basis",
+    "layer_input_matrix",
+    "orthonormal_complement",
+    "principal_angles",
+    "project_out",
+    "threshold_basis",
+    "top_singular",
+]

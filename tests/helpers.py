@@ -1,0 +1,19 @@
+"""Building configs for tests the way the CLI does (Hydra compose + validation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from clbench.config import RunConfig, load
+
+CONF = str(Path(__file__).resolve().parent.parent / "clbench" / "conf")
+
+
+def run_config(tmp: Path, *overrides: str) -> RunConfig:
+    """A validated config whose MLflow store and checkpoints live in ``tmp``."""
+    base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/mlartifacts",
+            f"checkpoint_dir={tmp}/checkpoints", "engine.progress=none", "threads=1"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return load(compose(config_name="config", overrides=[*base, *overrides]))
