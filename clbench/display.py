@@ -33,7 +33,7 @@ class Display:
         if loss is not None:
             line += f", last epoch loss {loss:.4f}"
         if self._progress is not None:
-            self._progress.console.print(line)
+            self._progress.console.print(line, markup=False, highlight=False)
         else:
             print(line, flush=True)
 

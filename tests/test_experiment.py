@@ -93,7 +93,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_default_experiment_gpm_beats_naive_on_permuted_mnist_5k(tmp_path):
-    """The README's main job: on real MNIST digits GPM keeps BWT near zero while naive forgets."""
+    """The README's main job. Measured (seed 0): naive ACC 73.0 / BWT −21.7, GPM ACC 87.9 / BWT −2.9."""
     res = {s: run(run_config(tmp_path, f"strategy={s}")).scores for s in ("naive", "gpm")}
-    assert res["gpm"]["bwt"] > res["naive"]["bwt"] + 5.0
-    assert res["gpm"]["acc"] > res["naive"]["acc"]
+    assert res["gpm"]["bwt"] > res["naive"]["bwt"] + 12.0
+    assert res["gpm"]["bwt"] > -5.0
+    assert res["gpm"]["acc"] > res["naive"]["acc"] + 8.0

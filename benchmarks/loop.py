@@ -1,0 +1,241 @@
+"""Training-loop throughput: clbench's Fabric engine against a hand-written tensor-slice loop and Avalanche.
+
+One experience of sklearn's digits replicated ×20 (35,940 samples, 64-d, scaled by 1/16), the MLP
+64-100-100-10 (no bias, one head), plain SGD lr 0.01, one epoch, at batch 64 and at batch 10:
+
+* ``clbench``: the production path — ``Fabric(accelerator="cpu", devices=1)``, ``setup_module`` with the
+  ``loss`` forward method marked, the experience's Avalanche dataset turned into a tensor cache by
+  :func:`clbench.streams.batch_source`, a :class:`~clbench.context.Context`, and
+  :class:`~clbench.engine.Engine` (``optimizer`` + ``fit``) with the naive strategy;
+* ``slice``: tensors in memory, ``randperm`` per epoch, ``index_select`` per batch, forward, cross-entropy,
+  backward, SGD step; no Fabric;
+* ``avalanche``: ``avalanche.training.Naive`` on the same experience (no metrics, no loggers), ``train`` only.
+
+Each timed call is one epoch including its per-epoch and per-experience work (shuffle, optimizer); one-time
+set-up (Fabric, ``setup_module``, materialising the cache, building the Avalanche strategy) is outside.
+The three run round-robin in one process (``timeit_many``), medians of ``--repeats`` calls.
+Reported: samples/s and the ratios clbench/slice (target ≥ 0.9) and clbench/avalanche (target ≥ 2).
+``--profile`` adds a cProfile of one clbench epoch per batch size.
+
+Run: ``python -m benchmarks.loop [--json PATH] [--repeats N] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from benchmarks._common import parse_args, timeit_many, write_json
+from clbench.models.mlp import MLP
+
+BATCH_SIZES: tuple[int, ...] = (64, 10)
+REPLICAS = 20
+LR = 0.01
+SEED = 0
+TARGETS = {"slice": 0.9, "avalanche": 2.0}
+
+
+def digits_tensors(replicas: int = REPLICAS) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's digits (1,797 × 64, values / 16) replicated ``replicas`` times: float32 x, int64 y."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.as_tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(data.target, dtype=torch.int64)
+    return x.repeat(replicas, 1).contiguous(), y.repeat(replicas).contiguous()
+
+
+def make_mlp() -> MLP:
+    """The benchmark's network: MLP 64-100-100-10, ReLU, no bias, one shared head (seeded)."""
+    torch.manual_seed(SEED)
+    return MLP((64,), [100, 100], (10,), multi_head=False, n_classes=10, bias=False)
+
+
+class LogitsAdapter(nn.Module):
+    """Lets Avalanche call ``model(x)``: forwards to ``model(x, zeros)`` (task 0) and returns the logits."""
+
+    def __init__(self, model: MLP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` with task label 0."""
+        return self.model(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
+
+
+def one_experience(x: torch.Tensor, y: torch.Tensor) -> Any:
+    """An Avalanche benchmark with one train (and the same test) experience, built as clbench's streams do:
+    a :class:`~clbench.streams.core.TensorSamples` view wrapped by ``make_dataset`` (samples ``(x, y, t=0)``),
+    ``benchmark_from_datasets`` + ``with_task_labels``."""
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_task_labels
+
+    from clbench.streams.core import TensorSamples, add_classes_timeline, make_dataset
+
+    dataset = make_dataset(TensorSamples(x, y), task=0)
+    bm = with_task_labels(benchmark_from_datasets(train=[dataset], test=[dataset]))
+    classes = [sorted(torch.unique(y).tolist())]
+    for stream in bm.streams.values():
+        add_classes_timeline(stream, classes)
+    return bm
+
+
+def clbench_epoch(bm: Any, batch_size: int) -> Callable[[], None]:
+    """Set up clbench's production path once; return a function that trains one experience of one epoch."""
+    from lightning.fabric import Fabric
+
+    from clbench.config import EngineConfig
+    from clbench.context import Context
+    from clbench.engine import Engine
+    from clbench.streams import Stream, StreamSpec, batch_source
+    from strategies import build_strategy
+    from strategies.naive import NaiveConfig
+
+    cfg = EngineConfig(epochs=1, batch_size=batch_size, lr=LR, accelerator="cpu", devices=1, progress="none",
+                       checkpoint_every_epoch=False)
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    module = make_mlp()
+    model = fabric.setup_module(module)
+    model.mark_forward_method("loss")
+    spec = StreamSpec("digits_x20", 1, (64,), (10,), 10, multi_head=False)
+    sources = lambda dataset: batch_source(dataset, device=fabric.device, max_bytes=cfg.cache_bytes)  # noqa: E731
+    ctx = Context(model=model, module=module, fabric=fabric, stream=Stream(spec, bm), seed=SEED,
+                  batch_size=batch_size, sources=sources)
+    ctx.train_source = sources(bm.train_stream[0].dataset)  # materialisation: one-time set-up
+    strategy = build_strategy(NaiveConfig())
+    strategy.setup(ctx)
+    engine = Engine(cfg, fabric)
+    losses: list[float] = []
+
+    def run() -> None:
+        ctx.experience, ctx.epoch = 0, 0
+        strategy.before_experience(ctx)
+        ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), 0)
+        strategy.attach(ctx)
+        try:
+            engine.fit(ctx, strategy, 0, lambda epoch, loss: losses.append(loss))
+        finally:
+            strategy.detach(ctx)
+        strategy.after_experience(ctx)
+        ctx.optimizer = None
+
+    return run
+
+
+def slice_epoch(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Callable[[], None]:
+    """A hand-written loop: randperm per epoch, index_select per batch, forward, CE, backward, SGD step."""
+    model = make_mlp()
+    model.train()
+    t = torch.zeros(batch_size, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(SEED)
+    n = x.shape[0]
+
+    def run() -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb, t[: idx.shape[0]]), yb)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def avalanche_epoch(bm: Any, batch_size: int) -> Callable[[], None]:
+    """``avalanche.training.Naive`` (quiet evaluator) built once; the function trains on the experience."""
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    adapter = LogitsAdapter(make_mlp())
+    strategy = Naive(model=adapter, optimizer=torch.optim.SGD(adapter.parameters(), lr=LR),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=1,
+                     eval_mb_size=1000, device="cpu", evaluator=EvaluationPlugin(loggers=[]))
+    experience = bm.train_stream[0]
+
+    def run() -> None:
+        strategy.train(experience)
+
+    return run
+
+
+def profile_clbench(fn: Callable[[], None], top: int = 25) -> str:
+    """cProfile of one call of ``fn``, the ``top`` entries by total time, as text."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def _setup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per method (median)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one clbench epoch")
+
+
+def main() -> dict[str, Any]:
+    """Run the benchmark, print a table, return (and optionally write) the JSON payload."""
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "loop benchmark", setup=_setup)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    x, y = digits_tensors()
+    n = x.shape[0]
+    with threadpool_limits(limits=args.threads):
+        bm = one_experience(x, y)
+        print(f"digits ×{REPLICAS}: {n} samples, MLP 64-100-100-10, SGD lr {LR}, 1 epoch, CPU, "
+              f"torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats (median)")
+        header = f"{'batch':>5} {'clbench':>10} {'slice':>10} {'avalanche':>10} {'cl/slice':>9} {'cl/aval':>8}"
+        print(header + "   (samples/s)")
+        print("-" * len(header))
+        ratios: dict[str, float] = {}
+        rates: dict[str, dict[str, float]] = {}
+        profiles: dict[int, str] = {}
+        for b in BATCH_SIZES:
+            fns = {
+                "clbench": clbench_epoch(bm, b),
+                "slice": slice_epoch(x, y, b),
+                "avalanche": avalanche_epoch(bm, b),
+            }
+            seconds = timeit_many(fns, repeats=args.repeats, warmup=1)
+            rate = {name: n / s for name, s in seconds.items()}
+            rates[f"b{b}"] = rate
+            ratios[f"clbench_vs_slice_b{b}"] = rate["clbench"] / rate["slice"]
+            ratios[f"clbench_vs_avalanche_b{b}"] = rate["clbench"] / rate["avalanche"]
+            print(f"{b:>5} {rate['clbench']:>10.0f} {rate['slice']:>10.0f} {rate['avalanche']:>10.0f} "
+                  f"{ratios[f'clbench_vs_slice_b{b}']:>9.3f} {ratios[f'clbench_vs_avalanche_b{b}']:>8.2f}",
+                  flush=True)
+            if args.profile:
+                profiles[b] = profile_clbench(fns["clbench"])
+        met = {key: value >= TARGETS[key.split("_")[2]] for key, value in ratios.items()}
+        print("targets (clbench/slice ≥ 0.9, clbench/avalanche ≥ 2): "
+              + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in met.items()))
+        for b, text in profiles.items():
+            print(f"\n== cProfile of one clbench epoch at batch {b} (by total time)\n{text}")
+    payload: dict[str, Any] = {
+        "benchmark": "loop",
+        "ratios": ratios,
+        "samples_per_s": rates,
+        "targets_met": met,
+        "samples": n,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+    }
+    if args.json is not None:
+        write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
