@@ -82,7 +82,8 @@ class EngineConfig:
         momentum: SGD momentum.
         weight_decay: L2 weight decay (note: it pulls weights along protected subspaces).
         accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps``).
-        devices: Fabric devices (count, list or ``auto``).
+        devices: Fabric devices: 1, or a one-element list of a device index (multi-device training is not
+            implemented yet).
         precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
         progress: ``auto`` (a live display on a TTY, one line per experience otherwise), ``bar`` or ``none``.
         cache_bytes: experiences up to this size are cached as tensors on the device; larger ones stream
@@ -230,6 +231,8 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(e.first_lr is None or e.first_lr > 0, "engine.first_lr", f"{e.first_lr}; must be > 0 or null")
     _check(0.0 <= e.momentum < 1.0, "engine.momentum", f"{e.momentum}; must be in [0, 1)")
     _check(e.weight_decay >= 0, "engine.weight_decay", f"{e.weight_decay}; must be >= 0")
+    _check(e.devices in (1, "1") or (isinstance(e.devices, list) and len(e.devices) == 1), "engine.devices",
+           f"{e.devices}; one device for now (1 or [index]): multi-device (DDP) training is not implemented yet")
     _check(run.threads is None or run.threads >= 1, "threads", f"{run.threads}; must be >= 1 or null")
     _check(e.cache_bytes >= 0, "engine.cache_bytes", "must be >= 0")
     run.strategy.validate()

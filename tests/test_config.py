@@ -47,6 +47,7 @@ def test_every_key_overridable():
     (["strategy.rank_rule=foo"], r"'strategy.rank_rule'.*\['code', 'paper'\]"),
     (["engine.optimizer=rmsprop"], r"'engine.optimizer'.*\['sgd', 'adam'\]"),
     (["benchmark.name=imagenet"], r"unknown benchmark 'imagenet'.*permuted_mnist_5k"),
+    (["engine.devices=2"], r"'engine.devices'.*multi-device"),
     (["strategy.name=ewc_typo"], r"unknown strategy 'ewc_typo'.*gpm"),
 ])
 def test_bad_config_names_key_and_valid_values(overrides, pattern):
