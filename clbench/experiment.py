@@ -111,6 +111,7 @@ def run(cfg: RunConfig) -> RunResult:
         model.train()
         return np.array(row)
 
+    strategy.setup(ctx)  # may still refuse the config (e.g. a per-layer list of the wrong length): nothing logged yet
     path = checkpoint.checkpoint_path(cfg)
     state = checkpoint.load(path) if cfg.resume else None
     R = np.full((T, T), np.nan)
@@ -130,7 +131,6 @@ def run(cfg: RunConfig) -> RunResult:
 
     display = Display(cfg.engine.progress, cfg.strategy.name, T, cfg.engine.epochs)
     try:
-        strategy.setup(ctx)
         if state is None:
             b, start = evaluate_all(), 0
         last_loss: list[float] = []
@@ -145,6 +145,8 @@ def run(cfg: RunConfig) -> RunResult:
         for i in range(start, T):
             ctx.experience, ctx.epoch = i, 0
             ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
+            if state is not None and i == start:
+                checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
             mid = state is not None and i == start and state["optimizer"] is not None
             if not mid:
                 strategy.before_experience(ctx)
@@ -153,8 +155,6 @@ def run(cfg: RunConfig) -> RunResult:
             if mid:
                 ctx.optimizer.load_state_dict(state["optimizer"])
                 first_epoch = state["next_epoch"]
-            if state is not None and i == start:
-                checkpoint.set_rng_state(state["rng"])
 
             def on_epoch_end(epoch: int, loss: float, i: int = i) -> None:
                 tracker.log_metrics({"loss": loss}, step=i * cfg.engine.epochs + epoch)
