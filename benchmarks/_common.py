@@ -90,3 +90,37 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def timeit_rounds(
+    fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of every call of each function, timed round-robin as :func:`timeit_many` does.
+
+    Entry ``i`` of every list comes from round ``i``, so ``a[i] / b[i]`` pairs calls made close in time: the
+    median of such per-round ratios is robust to load that drifts between rounds (shared machines).
+    """
+    if repeats < 1:
+        raise ValueError(f"timeit_rounds: repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of ``numerator[i] / denominator[i]`` (see :func:`timeit_rounds`)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired_ratio: two non-empty sequences of the same length expected")
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+__all__ += ["paired_ratio", "timeit_rounds"]

@@ -13,8 +13,10 @@ One experience of sklearn's digits replicated ×20 (35,940 samples, 64-d, scaled
 
 Each timed call is one epoch including its per-epoch and per-experience work (shuffle, optimizer); one-time
 set-up (Fabric, ``setup_module``, materialising the cache, building the Avalanche strategy) is outside.
-The three run round-robin in one process (``timeit_many``), medians of ``--repeats`` calls.
-Reported: samples/s and the ratios clbench/slice (target ≥ 0.9) and clbench/avalanche (target ≥ 2).
+The three run round-robin in one process (``timeit_rounds``), medians of ``--repeats`` calls.
+Reported: samples/s and the ratios clbench/slice (target ≥ 0.9) and clbench/avalanche (target ≥ 2) as ratios
+of medians, and as medians of per-round ratios (robust to load drifting between rounds on a shared machine);
+the extra µs per step of each Fabric indirection on the engine's hot path (``fabric_overheads``).
 ``--profile`` adds a cProfile of one clbench epoch per batch size.
 
 Run: ``python -m benchmarks.loop [--json PATH] [--repeats N] [--profile]``.
@@ -25,7 +27,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import pstats
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from benchmarks._common import parse_args, timeit_many, write_json
+from benchmarks._common import paired_ratio, parse_args, timeit_rounds, write_json
 from clbench.models.mlp import MLP
 
 BATCH_SIZES: tuple[int, ...] = (64, 10)
@@ -179,6 +184,51 @@ def profile_clbench(fn: Callable[[], None], top: int = 25) -> str:
     return out.getvalue()
 
 
+def _per_call_us(fn: Callable[[], Any], calls: int = 2000, repeats: int = 5) -> float:
+    """Best-of-``repeats`` mean microseconds of one ``fn()`` over ``calls`` calls (noise only adds time)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def fabric_overheads() -> dict[str, float]:
+    """Extra microseconds per training step of each Fabric indirection the engine's loop takes, against the
+    plain call the slice loop makes (measured on trivial work, so only the Python overhead is left):
+
+    ``model.loss`` looked up on the ``_FabricModule`` (``__getattr__`` falls through nn.Module's, which raises,
+    to the wrapped module) vs on the module; ``fabric.backward`` vs ``Tensor.backward``; the
+    ``_FabricOptimizer``'s ``zero_grad`` and ``step`` vs the optimizer's; the epoch-loss accumulation.
+    """
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    module = make_mlp()
+    wrapped = fabric.setup_module(module)
+    wrapped.mark_forward_method("loss")
+    plain_opt = torch.optim.SGD(module.parameters(), lr=LR)
+    fabric_opt = fabric.setup_optimizers(torch.optim.SGD(module.parameters(), lr=LR))
+    module.zero_grad(set_to_none=True)  # no gradients: step() does only its bookkeeping
+    w = torch.zeros((), requires_grad=True)
+    total, loss = torch.zeros(()), torch.ones(())
+
+    def accumulate() -> None:
+        total.add_(loss.detach())
+
+    pairs: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "model.loss lookup": (lambda: wrapped.loss, lambda: module.loss),
+        "fabric.backward": (lambda: fabric.backward(w * 2.0), lambda: (w * 2.0).backward()),
+        "optimizer.zero_grad": (lambda: fabric_opt.zero_grad(set_to_none=True),
+                                lambda: plain_opt.zero_grad(set_to_none=True)),
+        "optimizer.step": (fabric_opt.step, plain_opt.step),
+        "loss accumulation": (accumulate, lambda: None),
+    }
+    return {name: _per_call_us(fab) - _per_call_us(plain) for name, (fab, plain) in pairs.items()}
+
+
 def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per method (median)")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
@@ -196,11 +246,16 @@ def main() -> dict[str, Any]:
         bm = one_experience(x, y)
         print(f"digits ×{REPLICAS}: {n} samples, MLP 64-100-100-10, SGD lr {LR}, 1 epoch, CPU, "
               f"torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats (median)")
-        header = f"{'batch':>5} {'clbench':>10} {'slice':>10} {'avalanche':>10} {'cl/slice':>9} {'cl/aval':>8}"
-        print(header + "   (samples/s)")
+        header = (f"{'batch':>5} {'clbench':>9} {'slice':>9} {'avalanche':>9} | {'cl/slice':>8} {'cl/aval':>8}"
+                  f" | {'paired':>6} {'paired':>7} | {'clbench':>7} {'slice':>7}")
+        print(f"{'':>5} {'samples/s (median)':^29} | {'ratio of medians':^17} | {'per-round':^14} | "
+              f"{'µs/step':^15}")
+        print(header)
         print("-" * len(header))
         ratios: dict[str, float] = {}
+        paired: dict[str, float] = {}
         rates: dict[str, dict[str, float]] = {}
+        step_us: dict[str, dict[str, float]] = {}
         profiles: dict[int, str] = {}
         for b in BATCH_SIZES:
             fns = {
@@ -208,25 +263,40 @@ def main() -> dict[str, Any]:
                 "slice": slice_epoch(x, y, b),
                 "avalanche": avalanche_epoch(bm, b),
             }
-            seconds = timeit_many(fns, repeats=args.repeats, warmup=1)
+            fns["clbench"]()  # warm-up; Avalanche's epoch is long (seconds), its first call is timed like the rest
+            fns["slice"]()
+            rounds = timeit_rounds(fns, repeats=args.repeats, warmup=0)
+            seconds = {name: statistics.median(ts) for name, ts in rounds.items()}
+            steps = math.ceil(n / b)
             rate = {name: n / s for name, s in seconds.items()}
             rates[f"b{b}"] = rate
-            ratios[f"clbench_vs_slice_b{b}"] = rate["clbench"] / rate["slice"]
-            ratios[f"clbench_vs_avalanche_b{b}"] = rate["clbench"] / rate["avalanche"]
-            print(f"{b:>5} {rate['clbench']:>10.0f} {rate['slice']:>10.0f} {rate['avalanche']:>10.0f} "
-                  f"{ratios[f'clbench_vs_slice_b{b}']:>9.3f} {ratios[f'clbench_vs_avalanche_b{b}']:>8.2f}",
-                  flush=True)
+            step_us[f"b{b}"] = {name: s / steps * 1e6 for name, s in seconds.items()}
+            for other in ("slice", "avalanche"):
+                ratios[f"clbench_vs_{other}_b{b}"] = rate["clbench"] / rate[other]
+                paired[f"clbench_vs_{other}_b{b}"] = paired_ratio(rounds[other], rounds["clbench"])
+            print(f"{b:>5} {rate['clbench']:>9.0f} {rate['slice']:>9.0f} {rate['avalanche']:>9.0f} | "
+                  f"{ratios[f'clbench_vs_slice_b{b}']:>8.3f} {ratios[f'clbench_vs_avalanche_b{b}']:>8.2f} | "
+                  f"{paired[f'clbench_vs_slice_b{b}']:>6.3f} {paired[f'clbench_vs_avalanche_b{b}']:>7.2f} | "
+                  f"{step_us[f'b{b}']['clbench']:>7.1f} {step_us[f'b{b}']['slice']:>7.1f}", flush=True)
             if args.profile:
                 profiles[b] = profile_clbench(fns["clbench"])
         met = {key: value >= TARGETS[key.split("_")[2]] for key, value in ratios.items()}
         print("targets (clbench/slice ≥ 0.9, clbench/avalanche ≥ 2): "
               + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in met.items()))
+        overheads = fabric_overheads()
+        print("Fabric indirections on the engine's hot path, extra µs per call vs the plain call, measured in "
+              "isolation (a lower bound: cache-cold inside the loop they cost more): "
+              + ", ".join(f"{k} {v:+.1f}" for k, v in overheads.items())
+              + f"; sum {sum(overheads.values()):+.1f}")
         for b, text in profiles.items():
             print(f"\n== cProfile of one clbench epoch at batch {b} (by total time)\n{text}")
     payload: dict[str, Any] = {
         "benchmark": "loop",
         "ratios": ratios,
+        "paired_ratios": paired,
         "samples_per_s": rates,
+        "us_per_step": step_us,
+        "fabric_overhead_us_per_step": overheads,
         "targets_met": met,
         "samples": n,
         "repeats": args.repeats,

@@ -159,10 +159,12 @@ def test_input_form_extra_leading_dims() -> None:
 
 
 def test_auto_form_and_empty_basis() -> None:
-    lin = nn.Linear(784, 100)
-    assert LayerProjector(lin, _orthonormal(784, 10), batch_size=10).form == "input"
-    assert LayerProjector(lin, _orthonormal(784, 10), batch_size=256).form == "gradient"
-    assert LayerProjector(lin, _orthonormal(784, 10)).form == "gradient"
+    lin = nn.Linear(784, 100)  # PMNIST layer 1 with GPM's task-0 basis size (k = 78)
+    assert LayerProjector(lin, _orthonormal(784, 78), batch_size=10).form == "input"
+    assert LayerProjector(lin, _orthonormal(784, 78), batch_size=256).form == "gradient"
+    assert LayerProjector(lin, _orthonormal(784, 78)).form == "gradient"
+    # a small layer: projecting its gradient costs less than the input form's fixed overhead
+    assert LayerProjector(nn.Linear(100, 100), _orthonormal(100, 31), batch_size=10).form == "gradient"
     conv = nn.Conv2d(3, 64, 4)
     assert LayerProjector(conv, _orthonormal(48, 10), batch_size=10).form == "gradient"
     with pytest.raises(ValueError, match="Linear"):

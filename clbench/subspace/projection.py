@@ -33,6 +33,11 @@ __all__ = ["FORMS", "LayerProjector", "project_out"]
 
 FORMS = ("auto", "gradient", "input")
 
+INPUT_FORM_OVERHEAD = 1_000_000
+"""The input form's fixed cost per step in multiply-adds: its custom autograd function costs ~70 µs of Python
+a layer on the CPU (benchmarks/projection.py), about 1e6 multiply-adds there. So "auto" keeps the gradient
+form for small layers, where projecting the gradient costs less than that overhead."""
+
 
 def project_out(g: Tensor, M: Tensor) -> Tensor:
     """Return g (I − M Mᵀ) (GPM Eqs. 6-7) for a weight-shaped gradient g.
@@ -93,8 +98,8 @@ class LayerProjector:
         basis: M, d × k with orthonormal columns (k = 0: every method is a no-op).
         form: ``"gradient"`` (project ``weight.grad`` after backward), ``"input"`` (``nn.Linear`` only: build
             the weight gradient from projected inputs, see the module docstring) or ``"auto"``: input when the
-            module is ``nn.Linear``, ``batch_size`` is known and batch_size < out_features
-            (batch·d·k < out·d·k), gradient otherwise.
+            module is ``nn.Linear``, ``batch_size`` is known and batch·d·m + overhead < out·d·m
+            (m = min(k, d − k); overhead = :data:`INPUT_FORM_OVERHEAD`), gradient otherwise.
         batch_size: the training batch size (rows per step), used by ``"auto"``.
 
     The projector stores M, or C (a basis of span(M)^⊥) when k > d/2 since g (I − M Mᵀ) = (g C) Cᵀ, in the
@@ -118,7 +123,9 @@ class LayerProjector:
             raise ValueError(f"LayerProjector: basis has {k} columns, more than d={d}")
         if form == "auto":
             linear = isinstance(module, nn.Linear)
-            use_input = linear and batch_size is not None and batch_size < weight.shape[0]
+            m = min(k, d - k)
+            use_input = linear and batch_size is not None and (
+                batch_size * d * m + INPUT_FORM_OVERHEAD < weight.shape[0] * d * m)
             form = "input" if use_input else "gradient"
         elif form == "input" and not isinstance(module, nn.Linear):
             raise ValueError(f"LayerProjector: the input form needs nn.Linear, got {type(module).__name__}")
