@@ -50,20 +50,7 @@ def timeit_many(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: 
 
     Interleaving makes ratios between the functions robust to load that changes during the benchmark.
     """
-    if repeats < 1:
-        raise ValueError(f"timeit_many: repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in timeit_rounds(fns, repeats, warmup).items()}
 
 
 def parse_args(
