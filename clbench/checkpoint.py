@@ -9,35 +9,22 @@ running the same command with ``resume=true`` finds it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from clbench.config import RunConfig
+from clbench.config import RunConfig, fingerprint
 
 FORMAT_VERSION = 1
 
 
-def run_key(cfg: RunConfig) -> str:
-    """Stable hash of everything that defines the run's results (not ``resume``, display or tracking)."""
-    data = asdict(cfg)
-    for key in ("resume", "checkpoint_dir", "tracking", "threads"):
-        data.pop(key)
-    data["engine"].pop("progress")
-    blob = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def checkpoint_path(cfg: RunConfig) -> Path:
     """``<checkpoint_dir>/<strategy>-<benchmark>-s<seed>-<hash>/last.ckpt``."""
-    name = f"{cfg.strategy.name}-{cfg.benchmark.name}-s{cfg.seed}-{run_key(cfg)}"
+    name = f"{cfg.strategy.name}-{cfg.benchmark.name}-s{cfg.seed}-{fingerprint(cfg)}"
     return Path(cfg.checkpoint_dir) / name / "last.ckpt"
 
 

@@ -7,7 +7,9 @@ strategy brings its own config dataclass (``strategies/<name>.py``), looked up b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -82,9 +84,9 @@ class EngineConfig:
         momentum: SGD momentum.
         weight_decay: L2 weight decay (note: it pulls weights along protected subspaces).
         accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps``).
-        devices: Fabric devices: 1, or a one-element list of a device index (multi-device training is not
-            implemented yet).
-        precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
+        devices: Fabric devices; 1 (multi-device training is not implemented yet).
+        precision: Fabric precision: ``32-true`` or mixed ``bf16-mixed`` / ``16-mixed`` (weights stay fp32, so
+            bases and projections keep full precision).
         progress: ``auto`` (a live display on a TTY, one line per experience otherwise), ``bar`` or ``none``.
         cache_bytes: experiences up to this size are cached as tensors on the device; larger ones stream
             through a DataLoader.
@@ -162,6 +164,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.head": ("auto", "single", "multi"),
     "engine.optimizer": ("sgd", "adam"),
     "engine.progress": ("auto", "bar", "none"),
+    "engine.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
+    "engine.precision": ("32-true", "32", "bf16-mixed", "16-mixed"),
 }
 
 
@@ -215,7 +219,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"unknown model '{m.name}' (model.name); valid: {sorted(MODELS)}")
     for key, choices in _CHOICES.items():
         section, attr = key.split(".")
-        value = getattr(getattr(run, section), attr)
+        value = str(getattr(getattr(run, section), attr))
         _check(value in choices, key, f"'{value}' is not one of {list(choices)}")
     _check(b.n_tasks >= 1, "benchmark.n_tasks", f"{b.n_tasks}; must be >= 1")
     _check(0.0 < b.test_fraction < 1.0, "benchmark.test_fraction", f"{b.test_fraction}; must be in (0, 1)")
@@ -231,12 +235,23 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(e.first_lr is None or e.first_lr > 0, "engine.first_lr", f"{e.first_lr}; must be > 0 or null")
     _check(0.0 <= e.momentum < 1.0, "engine.momentum", f"{e.momentum}; must be in [0, 1)")
     _check(e.weight_decay >= 0, "engine.weight_decay", f"{e.weight_decay}; must be >= 0")
-    _check(e.devices in (1, "1") or (isinstance(e.devices, list) and len(e.devices) == 1), "engine.devices",
-           f"{e.devices}; one device for now (1 or [index]): multi-device (DDP) training is not implemented yet")
+    _check(type(e.devices) is int and e.devices == 1, "engine.devices",
+           f"{e.devices}; must be 1: multi-device (DDP) training is not implemented yet")
     _check(run.threads is None or run.threads >= 1, "threads", f"{run.threads}; must be >= 1 or null")
     _check(e.cache_bytes >= 0, "engine.cache_bytes", "must be >= 0")
     run.strategy.validate()
     return run
+
+
+def fingerprint(cfg: RunConfig, with_seed: bool = True) -> str:
+    """A stable hash of everything that defines a run's results: not ``resume``, paths, threads, display or
+    tracking. With ``with_seed=False`` it names a configuration whose seeds ``clbench report`` aggregates."""
+    data = asdict(cfg)
+    for key in ("resume", "checkpoint_dir", "tracking", "threads") + (() if with_seed else ("seed",)):
+        data.pop(key)
+    data["engine"].pop("progress")
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clbench import checkpoint, metrics
-from clbench.config import ConfigError, RunConfig, flatten
+from clbench.config import ConfigError, RunConfig, fingerprint, flatten
 from clbench.context import Context
 from clbench.display import Display, format_matrix
 from clbench.engine import Engine
@@ -85,16 +85,17 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    try:
+    try:  # what only the stream, the model or Fabric can check: still a config error, before anything is logged
         stream = build_stream(cfg.benchmark, cfg.seed)
-    except ValueError as e:  # a benchmark key the stream cannot take (n_tasks, scenario, ...)
+        module = build_model(cfg.model, stream.spec)
+        fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
+                        precision=cfg.engine.precision)  # type: ignore[arg-type]
+    except ValueError as e:  # a benchmark / model / engine key that cannot be honoured here
         raise ConfigError(str(e)) from e
     spec = stream.spec
     T = spec.n_tasks
     strategy = build_strategy(cfg.strategy)
-    module = strategy.wrap_model(build_model(cfg.model, spec))
-    fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
-                    precision=cfg.engine.precision)  # type: ignore[arg-type]
+    module = strategy.wrap_model(module)
     model = fabric.setup_module(module)
     model.mark_forward_method("loss")
     model.mark_forward_method("predict")
@@ -119,29 +120,29 @@ def run(cfg: RunConfig) -> RunResult:
         module.load_state_dict(state["model"])
         strategy.load_state_dict(state["strategy"])
         R, b, start = state["R"], state["initial"], state["experience"]
-        print(f"Resuming {run_name(cfg)} from {path} (experience {start + 1}/{T}, epoch {state['next_epoch']})")
+        print(f"Resuming {run_name(cfg)} from {path} (experience {min(start + 1, T)}/{T}, "
+              f"epoch {state['next_epoch']})")
+    elif cfg.resume:
+        print(f"resume=true but there is no checkpoint at {path}: starting afresh")
     tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
                       tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)})
-    if state is None:
-        params = flatten(asdict(cfg)) | {f"version.{k}": v for k, v in package_versions().items()}
-        tracker.log_params(params | {"git_sha": git_sha(), "device": str(fabric.device)})
-    elif state["experience"] >= T:
-        tracker.finish()
-        return _finish_print(cfg, R, b, tracker.run_id)
-
     display = Display(cfg.engine.progress, cfg.strategy.name, T, cfg.engine.epochs)
+    last_loss: list[float] = []
+
+    def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
+        checkpoint.save(path, {
+            "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
+            "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
+            "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
+            "run_id": tracker.run_id})
+
     try:
         if state is None:
+            params = flatten(asdict(cfg)) | {f"version.{k}": v for k, v in package_versions().items()}
+            tracker.log_params(params | {"git_sha": git_sha(), "device": str(fabric.device),
+                                         "config_key": fingerprint(cfg, with_seed=False)})
             b, start = evaluate_all(), 0
-        last_loss: list[float] = []
-
-        def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
-            checkpoint.save(path, {
-                "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
-                "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
-                "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
-                "run_id": tracker.run_id})
-
+            snapshot(0, 0, with_optimizer=False)  # from here on a killed run resumes into this MLflow run
         for i in range(start, T):
             ctx.experience, ctx.epoch = i, 0
             ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
@@ -156,6 +157,8 @@ def run(cfg: RunConfig) -> RunResult:
                 ctx.optimizer.load_state_dict(state["optimizer"])
                 first_epoch = state["next_epoch"]
 
+            # Metrics are logged before the snapshot that covers them: a kill in between logs the same value
+            # again at the same step on resume (the resumed run recomputes it exactly); none is ever lost.
             def on_epoch_end(epoch: int, loss: float, i: int = i) -> None:
                 tracker.log_metrics({"loss": loss}, step=i * cfg.engine.epochs + epoch)
                 display.epoch(i, epoch, loss)
@@ -176,14 +179,13 @@ def run(cfg: RunConfig) -> RunResult:
             display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
             ctx.optimizer = None
             snapshot(i + 1, 0, with_optimizer=False)
+        display.close()
+        tracker.log_metrics(metrics.summary(R, b), step=T - 1)  # also when resumed after the last snapshot
+        _write_artifacts(tracker, cfg, R, b)
     except BaseException as error:
         display.close()
         tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
         raise
-    display.close()
-    scores = metrics.summary(R, b)
-    tracker.log_metrics(scores, step=T - 1)
-    _write_artifacts(tracker, cfg, R, b)
     tracker.finish()
     return _finish_print(cfg, R, b, tracker.run_id)
 

@@ -1,25 +1,29 @@
 """``clbench report``: read the MLflow store and tabulate ACC / BWT / FWT / forgetting per strategy × benchmark.
 
-Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. When one
-(strategy, benchmark, seed) was run more than once, the latest finished run counts.
+Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. Runs are grouped
+by configuration (the ``config_key`` param: a hash of the whole config but the seed), so runs that differ in
+any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config`` column. When one
+configuration and seed was run more than once, the latest finished run counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCORES = ("acc", "bwt", "fwt", "forgetting")
 
 
 @dataclass
 class Row:
+    """One configuration of a strategy on a benchmark, and its scores over seeds."""
+
     strategy: str
     benchmark: str
-    seeds: list[int]
-    values: dict[str, list[float]]
+    config: str
+    seeds: list[int] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SCORES})
 
     def cell(self, key: str) -> str:
         xs = self.values[key]
@@ -31,7 +35,7 @@ class Row:
 
 
 def collect(uri: str, experiment: str) -> list[Row]:
-    """Finished runs of ``experiment`` grouped by (strategy, benchmark), latest run per seed."""
+    """Finished runs of ``experiment``, one row per configuration, the latest run per seed."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -40,32 +44,34 @@ def collect(uri: str, experiment: str) -> list[Row]:
         raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {uri}; run `clbench` first")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=50000)
-    latest: dict[tuple[str, str, int], dict[str, float]] = {}
+    latest: dict[tuple[str, str, str, int], dict[str, float]] = {}
     for r in runs:
         p = r.data.params
-        if "strategy.name" not in p or "acc" not in r.data.metrics:
+        if "config_key" not in p or "acc" not in r.data.metrics:
             continue
-        key = (p["strategy.name"], p["benchmark.name"], int(p["seed"]))
-        latest.setdefault(key, r.data.metrics)
-    groups: dict[tuple[str, str], Row] = {}
-    acc_lists: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {k: [] for k in SCORES})
-    for (strategy, benchmark, seed), m in sorted(latest.items()):
-        row = groups.setdefault((strategy, benchmark), Row(strategy, benchmark, [], acc_lists[(strategy, benchmark)]))
+        latest.setdefault((p["benchmark.name"], p["strategy.name"], p["config_key"][:8], int(p["seed"])),
+                          r.data.metrics)
+    rows: dict[tuple[str, str, str], Row] = {}
+    for (benchmark, strategy, config, seed), m in sorted(latest.items()):
+        row = rows.setdefault((benchmark, strategy, config), Row(strategy, benchmark, config))
         row.seeds.append(seed)
         for k in SCORES:
             if k in m:
                 row.values[k].append(m[k])
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+    return list(rows.values())
 
 
 def render(rows: list[Row], fmt: str) -> str:
-    """A markdown (``md``) or CSV table, one row per strategy × benchmark."""
-    head = ["benchmark", "strategy", "seeds", "ACC (%)", "BWT (%)", "FWT (%)", "forgetting (%)"]
-    body = [[r.benchmark, r.strategy, str(len(r.seeds)), *(r.cell(k) for k in SCORES)] for r in rows]
+    """A markdown (``md``) or CSV table, one row per configuration of a strategy on a benchmark."""
+    head = ["benchmark", "strategy", "config", "seeds", "ACC (%)", "BWT (%)", "FWT (%)", "forgetting (%)"]
+    body = [[r.benchmark, r.strategy, r.config, str(len(r.seeds)), *(r.cell(k) for k in SCORES)] for r in rows]
     if fmt == "csv":
         return "\n".join(",".join(x) for x in [head, *body])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 

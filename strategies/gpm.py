@@ -145,6 +145,8 @@ class GPM(Strategy):
         assert ctx.train_source is not None
         module, task = ctx.module, ctx.experience
         layers = module.protected_layers()
+        if not layers:  # e.g. a multi-head net without hidden layers: nothing to protect
+            return
         x, _, t = ctx.train_source.take(max(self._samples.values()), ctx.generator(_SAMPLE_KEY))
         was_training = module.training
         module.eval()

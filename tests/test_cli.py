@@ -65,8 +65,8 @@ def test_report_table(sweep):
     assert len(lines) == 2
     for ln in lines:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        assert cells[2] == "2"  # seeds
-        assert "±" in cells[3] and "±" in cells[4]
+        assert cells[3] == "2"  # seeds
+        assert "±" in cells[4] and "±" in cells[5]
 
 
 def test_cfg_job_prints_resolved_config(tmp_path):

@@ -48,6 +48,10 @@ def test_every_key_overridable():
     (["engine.optimizer=rmsprop"], r"'engine.optimizer'.*\['sgd', 'adam'\]"),
     (["benchmark.name=imagenet"], r"unknown benchmark 'imagenet'.*permuted_mnist_5k"),
     (["engine.devices=2"], r"'engine.devices'.*multi-device"),
+    (["engine.devices=[0]"], r"'engine.devices'.*must be 1"),
+    (["engine.precision=bf16-true"], r"'engine.precision'.*'bf16-mixed'"),
+    (["engine.accelerator=tpu"], r"'engine.accelerator'.*'cuda'"),
+    (["model.head=sideways"], r"'model.head'.*'multi'"),
     (["strategy.name=ewc_typo"], r"unknown strategy 'ewc_typo'.*gpm"),
 ])
 def test_bad_config_names_key_and_valid_values(overrides, pattern):

@@ -113,3 +113,53 @@ def test_mixed_precision_goes_through_fabric_and_learns(tmp_path):
     """bf16-mixed takes Fabric's wrapped path (autocast) instead of the full-precision fast path."""
     res = run(run_config(tmp_path, "strategy=gpm", "engine.precision=bf16-mixed", *PERMUTED))
     assert np.diag(res.R).min() > 50.0  # 10 classes: chance is 10 %
+
+
+def _interrupt(*_args, **_kwargs):
+    raise KeyboardInterrupt  # stands for a kill at this point
+
+
+def _runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client, client.search_runs([client.get_experiment_by_name("clbench").experiment_id])
+
+
+def test_killed_before_training_resumes_into_the_same_run(tmp_path, monkeypatch):
+    import clbench.engine
+
+    full = run(run_config(tmp_path / "full", *PERMUTED))
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(clbench.engine.Engine, "fit", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_config(cut, *PERMUTED))
+    monkeypatch.undo()
+    resumed = run(run_config(cut, *PERMUTED, "resume=true"))
+    _, runs = _runs(cut)
+    assert [r.info.run_id for r in runs] == [resumed.run_id]
+    np.testing.assert_allclose(resumed.R, full.R, atol=1e-6)
+
+
+def test_killed_after_the_last_snapshot_still_logs_scores_and_artifacts(tmp_path, monkeypatch):
+    import clbench.experiment
+
+    monkeypatch.setattr(clbench.experiment, "_write_artifacts", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_config(tmp_path, *PERMUTED))
+    monkeypatch.undo()
+    client, runs = _runs(tmp_path)
+    assert runs[0].info.status == "KILLED"
+    resumed = run(run_config(tmp_path, *PERMUTED, "resume=true"))
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == resumed.run_id
+    assert runs[0].data.metrics["acc"] == pytest.approx(resumed.scores["acc"])
+    assert "accuracy_matrix.csv" in {a.path for a in client.list_artifacts(resumed.run_id)}
+
+
+def test_multi_head_on_a_single_label_space_is_a_config_error(tmp_path):
+    from clbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.head=multi"):
+        run(run_config(tmp_path, "model.head=multi", *PERMUTED))
+    assert not (tmp_path / "mlflow.db").exists()

@@ -427,3 +427,11 @@ def test_cuda_matches_cpu() -> None:
     lin(torch.randn(10, 64, device=dev)).sum().backward()
     assert lin.weight.grad is not None
     assert _rel_overlap(lin.weight.grad, M_gpu) <= 1e-5
+
+
+def test_empty_memory_after_first_task_counts_like_eq9() -> None:
+    """Official GPM: a layer that kept 0 columns on task 1 still takes the Eq. 9 path (paper count) later."""
+    U = torch.linalg.qr(torch.randn(6, 3, generator=_gen(3), dtype=torch.float64))[0]
+    R = U * torch.tensor([60.0, 30.0, 10.0], dtype=torch.float64).sqrt()  # σ² = [60, 30, 10]
+    assert extend_basis(None, R, 0.5, rule="code").shape[1] == 0  # #{ratio < 0.5} = 0
+    assert extend_basis(torch.zeros(6, 0, dtype=torch.float64), R, 0.5, rule="code").shape[1] == 1

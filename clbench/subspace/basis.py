@@ -234,7 +234,7 @@ def extend_basis(
     method: str = "auto",
     max_dim: int | None = None,
 ) -> Tensor:
-    """Memory update after a task (GPM Eqs. 8-9); the first task (``M`` empty) is :func:`threshold_basis`.
+    """Memory update after a task (GPM Eqs. 8-9); the first task (``M`` None) is :func:`threshold_basis`.
 
     With M (d × m, orthonormal) and the new representations R (d × n):
 
@@ -242,7 +242,9 @@ def extend_basis(
     * total = ‖R‖²_F, already = ‖Mᵀ R‖²_F (= ‖M Mᵀ R‖²_F as M is orthonormal).
     * Eq. 9: k = the smallest k with already + Σ_{i≤k} σ̂_i² ≥ ε·total, σ̂ the singular values of R̂. This is the
       count of both the paper and the official code (the code's off-by-one is in the first task only), so
-      ``rule`` matters only when M is empty. If already ≥ ε·total, k = 0 and M is returned unchanged.
+      ``rule`` matters only when M is None. A memory with 0 columns (the first task kept nothing) takes this
+      path too, with the paper's count, as the official code does. If already ≥ ε·total, k = 0 and M is
+      returned unchanged.
     * M ← [M, Û[:, :k]], the new columns orthogonalised once more against M (classical Gram–Schmidt in
       float64, then QR) so that Mᵀ Û ≈ 0 to rounding. Directions of R̂ whose energy is below the rounding of
       the projection (σ̂_i² ≤ u·‖R‖²_F, u the unit roundoff of R's dtype) are never added.
@@ -253,7 +255,7 @@ def extend_basis(
     """
     _check_rule(rule)
     if M is None or M.shape[1] == 0:
-        basis = threshold_basis(R, threshold, rule=rule, method=method)
+        basis = threshold_basis(R, threshold, rule=rule if M is None else "paper", method=method)
         cap = R.shape[0] if max_dim is None else min(R.shape[0], max_dim)
         return basis[:, :cap]
     d, m = M.shape
