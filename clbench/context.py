@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +42,6 @@ class Context:
     train_source: BatchSource | None = None
     optimizer: torch.optim.Optimizer | None = None
     epoch: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

@@ -160,6 +160,6 @@ def test_killed_after_the_last_snapshot_still_logs_scores_and_artifacts(tmp_path
 def test_multi_head_on_a_single_label_space_is_a_config_error(tmp_path):
     from clbench.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.head=multi"):
+    with pytest.raises(ConfigError, match=r"model\.head=multi"):
         run(run_config(tmp_path, "model.head=multi", *PERMUTED))
     assert not (tmp_path / "mlflow.db").exists()
