@@ -57,19 +57,26 @@ def parse_args(
     description: str,
     setup: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: Sequence[str] | None = None,
+    repeats: int = 5,
 ) -> argparse.Namespace:
-    """Parse the common benchmark options: ``--json PATH`` and ``--device`` (default cuda if available).
+    """Parse the common benchmark options and apply ``--threads`` to torch.
 
-    ``setup`` may add benchmark-specific options to the parser before parsing ``argv`` (default sys.argv).
+    Common options: ``--json PATH``, ``--device`` (default cuda if available), ``--threads`` (torch and, via
+    threadpoolctl in each benchmark, NumPy's BLAS; default 1) and ``--repeats`` (default ``repeats``).
+    ``setup`` may add benchmark-specific options before parsing ``argv`` (default sys.argv).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument(
         "--device", default=default_device(), help="torch device for clbench's side (default: %(default)s)"
     )
+    parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per measurement (median)")
     if setup is not None:
         setup(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

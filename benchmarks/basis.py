@@ -16,7 +16,6 @@ Run: ``python -m benchmarks.basis [--json PATH] [--device cpu|cuda] [--threads N
 
 from __future__ import annotations
 
-import argparse
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -52,14 +51,8 @@ def numpy_basis(R: np.ndarray, threshold: float) -> np.ndarray:
     return U[:, :k]
 
 
-def _setup(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-
-
 def main() -> dict[str, Any]:
-    args = parse_args(__doc__.splitlines()[0] if __doc__ else "basis benchmark", setup=_setup)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "basis benchmark", repeats=3)
     device = torch.device(args.device)
     with threadpool_limits(limits=args.threads):
         blas = [

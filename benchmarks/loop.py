@@ -230,15 +230,12 @@ def fabric_overheads() -> dict[str, float]:
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per method (median)")
-    parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one clbench epoch")
 
 
 def main() -> dict[str, Any]:
     """Run the benchmark, print a table, return (and optionally write) the JSON payload."""
-    args = parse_args(__doc__.splitlines()[0] if __doc__ else "loop benchmark", setup=_setup)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "loop benchmark", setup=_setup, repeats=5)
     warnings.filterwarnings("ignore", category=UserWarning)
     x, y = digits_tensors()
     n = x.shape[0]

@@ -164,16 +164,13 @@ def gradient_check(
 
 def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps per timed call")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (median)")
-    parser.add_argument("--threads", type=int, default=1, help="threads for torch and NumPy's BLAS")
     parser.add_argument("--random-bases", action="store_true",
                         help="random orthonormal bases of 350/80/80 columns instead of GPM's on permuted_mnist_5k")
 
 
 def main() -> dict[str, Any]:
     """Run the benchmark, print a table, return (and optionally write) the JSON payload."""
-    args = parse_args(__doc__.splitlines()[0] if __doc__ else "projection benchmark", setup=_setup)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "projection benchmark", setup=_setup, repeats=7)
     warnings.filterwarnings("ignore", category=UserWarning)
     with threadpool_limits(limits=args.threads):
         start = time.perf_counter()
