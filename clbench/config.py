@@ -55,12 +55,14 @@ class ModelConfig:
     """A network from :mod:`clbench.models`.
 
     Attributes:
-        name: registered model name (``mlp``).
-        hidden: widths of the hidden layers (GPM's PMNIST net: [100, 100]).
+        name: registered model name (``mlp``, ``alexnet``, ``resnet18``).
+        hidden: widths of the hidden layers of the MLP (GPM's PMNIST net: [100, 100]).
         bias: whether the layers have biases (GPM's nets have none).
         head: ``auto`` (one head per task when the stream is task-incremental, else one shared head),
             ``single`` or ``multi``.
-        dropout: dropout after each hidden activation (0: none).
+        dropout: dropout after each hidden activation of the MLP (0: none); the conv nets use their papers'.
+        width: base width of the reduced ResNet-18 (nf; GPM uses 20).
+        stem_stride: stride of the ResNet's first conv (1 for 32×32 inputs, 2 for miniImageNet's 84×84).
     """
 
     name: str = "mlp"
@@ -68,6 +70,8 @@ class ModelConfig:
     bias: bool = False
     head: str = "auto"
     dropout: float = 0.0
+    width: int = 20
+    stem_stride: int = 1
 
 
 @dataclass
@@ -228,6 +232,8 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(b.max_train_per_task >= 0, "benchmark.max_train_per_task", "must be >= 0 (0: no cap)")
     _check(all(h >= 1 for h in m.hidden), "model.hidden", f"{m.hidden}; widths must be >= 1")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}; must be in [0, 1)")
+    _check(m.width >= 1, "model.width", f"{m.width}; must be >= 1")
+    _check(m.stem_stride in (1, 2), "model.stem_stride", f"{m.stem_stride}; must be 1 or 2")
     _check(e.epochs >= 1, "engine.epochs", f"{e.epochs}; must be >= 1")
     _check(e.batch_size >= 1, "engine.batch_size", f"{e.batch_size}; must be >= 1")
     _check(e.eval_batch_size >= 1, "engine.eval_batch_size", f"{e.eval_batch_size}; must be >= 1")

@@ -128,6 +128,7 @@ def run(cfg: RunConfig) -> RunResult:
                       tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)})
     display = Display(cfg.engine.progress, cfg.strategy.name, T, cfg.engine.epochs)
     last_loss: list[float] = []
+    owns_loop = strategy.overrides("train_experience")  # its loop cannot restart mid-experience
 
     def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
         checkpoint.save(path, {
@@ -163,12 +164,15 @@ def run(cfg: RunConfig) -> RunResult:
                 tracker.log_metrics({"loss": loss}, step=i * cfg.engine.epochs + epoch)
                 display.epoch(i, epoch, loss)
                 last_loss[:] = [loss]
-                if cfg.engine.checkpoint_every_epoch:
+                if cfg.engine.checkpoint_every_epoch and not owns_loop:
                     snapshot(i, epoch + 1, with_optimizer=True)
 
             strategy.attach(ctx)
             try:
-                engine.fit(ctx, strategy, first_epoch, on_epoch_end)
+                if owns_loop:
+                    strategy.train_experience(ctx, on_epoch_end)
+                else:
+                    engine.fit(ctx, strategy, first_epoch, on_epoch_end)
             finally:
                 strategy.detach(ctx)
             strategy.after_experience(ctx)

@@ -6,6 +6,7 @@ Call order for experience i (see ``clbench.experiment``)::
     before_experience(ctx)                  state changes for experience i (new heads, rows, bases)
     attach(ctx)                             runtime hooks that follow from the state (projectors, forward hooks)
     per batch: loss = model.loss(batch) + penalty(ctx, batch); backward; project(ctx); optimizer.step()
+      (or, for a strategy that owns its whole loop, train_experience(ctx, on_epoch_end) instead of the engine)
     detach(ctx)                             remove the runtime hooks
     after_experience(ctx)                   e.g. new bases from the layer inputs
     evaluation on every test experience
@@ -26,6 +27,7 @@ from clbench.config import StrategyConfig
 
 if TYPE_CHECKING:
     from clbench.context import Context
+    from clbench.engine import EpochCallback
     from clbench.streams import BatchSource
 
 
@@ -67,6 +69,13 @@ class Strategy:
     def parameters_to_train(self, ctx: Context) -> Iterator[torch.nn.Parameter]:
         """Parameters the experience's optimizer updates; all trainable ones by default."""
         return (p for p in ctx.module.parameters() if p.requires_grad)
+
+    def train_experience(self, ctx: Context, on_epoch_end: EpochCallback) -> None:
+        """Train experience ``ctx.experience`` with the strategy's own loop (e.g. an Avalanche strategy), calling
+        ``on_epoch_end(epoch, mean_loss)`` after each epoch. Only called if overridden; the engine's loop (and
+        with it ``penalty`` and ``project``) is then not used, ``ctx.optimizer`` is still this experience's fresh
+        optimizer, and a resumed run restarts the interrupted experience from its beginning."""
+        raise NotImplementedError
 
     def detach(self, ctx: Context) -> None:
         """Remove what :meth:`attach` installed."""
