@@ -1,10 +1,10 @@
 """Save and restore the whole loop state, so a killed run (even ``kill -9``) resumes where it stopped.
 
 A checkpoint is taken at every epoch end and every experience end. It holds the model, the optimizer of the
-experience in progress, the strategy's state, every RNG state, the accuracy matrix so far, the initial-model
-accuracies, and the MLflow run id. Files are written atomically (temp file + rename), so a kill during a save
-leaves the previous checkpoint intact. The folder is keyed by a hash of the config (minus ``resume``), so
-running the same command with ``resume=true`` finds it.
+experience in progress and its learning-rate schedule, the strategy's state, every RNG state, the accuracy
+matrix so far, the initial-model accuracies, and the MLflow run id. Files are written atomically (temp file +
+rename), so a kill during a save leaves the previous checkpoint intact. The folder is keyed by a hash of the
+config (minus ``resume``), so running the same command with ``resume=true`` finds it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from clbench.config import RunConfig, fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the schedule state
 
 
 def checkpoint_path(cfg: RunConfig) -> Path:

@@ -95,6 +95,12 @@ class EngineConfig:
         cache_bytes: experiences up to this size are cached as tensors on the device; larger ones stream
             through a DataLoader.
         checkpoint_every_epoch: checkpoint at every epoch end (always at every experience end).
+        schedule: ``constant`` learning rate, or ``plateau``: the patience rule of GPM's code (HAT's) on the
+            validation loss, with early stopping and best-weights restore (:mod:`clbench.schedule`); needs
+            ``benchmark.validation_fraction > 0``.
+        lr_min: ``plateau``: stop the experience once the learning rate falls below this.
+        patience: ``plateau``: epochs without a better validation loss before the learning rate is divided.
+        lr_factor: ``plateau``: the divisor of the learning rate.
     """
 
     epochs: int = 5
@@ -111,6 +117,10 @@ class EngineConfig:
     progress: str = "auto"
     cache_bytes: int = 2**30
     checkpoint_every_epoch: bool = True
+    schedule: str = "constant"
+    lr_min: float = 1e-5
+    patience: int = 6
+    lr_factor: float = 2.0
 
 
 @dataclass
@@ -170,7 +180,26 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "engine.progress": ("auto", "bar", "none"),
     "engine.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
     "engine.precision": ("32-true", "32", "bf16-mixed", "16-mixed"),
+    "engine.schedule": ("constant", "plateau"),
 }
+
+
+def register_defaults() -> None:
+    """Store each component's defaults in Hydra's ConfigStore as ``_defaults/<group>``.
+
+    ``config.yaml`` merges them under every group's yaml, so any key of the schema can be overridden from the
+    command line (``benchmark.validation_fraction=0.05``) even when the chosen yaml does not list it. They are
+    plain dicts, not structured configs: an unknown key is still reported by :func:`load`, naming the valid ones.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in (("benchmark", BenchmarkConfig), ("model", ModelConfig), ("engine", EngineConfig),
+                          ("tracking", TrackingConfig)):
+        store.store(group="_defaults", name=group, node=asdict(schema()))
+
+
+register_defaults()
 
 
 def _merge(schema: Any, node: Any, prefix: str) -> Any:
@@ -245,6 +274,11 @@ def load(cfg: DictConfig | dict) -> RunConfig:
            f"{e.devices}; must be 1: multi-device (DDP) training is not implemented yet")
     _check(run.threads is None or run.threads >= 1, "threads", f"{run.threads}; must be >= 1 or null")
     _check(e.cache_bytes >= 0, "engine.cache_bytes", "must be >= 0")
+    _check(e.lr_min >= 0, "engine.lr_min", f"{e.lr_min}; must be >= 0")
+    _check(e.patience >= 1, "engine.patience", f"{e.patience}; must be >= 1")
+    _check(e.lr_factor > 1, "engine.lr_factor", f"{e.lr_factor}; must be > 1")
+    _check(e.schedule != "plateau" or b.validation_fraction > 0, "engine.schedule",
+           "'plateau' watches the validation loss; set benchmark.validation_fraction > 0 (GPM's code: 0.05)")
     run.strategy.validate()
     return run
 

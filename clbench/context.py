@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from clbench.models.base import ContinualModel
+    from clbench.schedule import Schedule
     from clbench.streams import BatchSource, Stream
 
 
@@ -25,8 +26,10 @@ class Context:
         seed: the run seed; derive any randomness from it (see :meth:`generator`) so a resumed run repeats.
         experience: index of the current experience (0-based).
         train_source: batches of the current experience's training data.
+        valid_source: batches of its validation split (None without one).
         sources: factory turning an Avalanche dataset into a batch source on the device.
         optimizer: the current experience's optimizer (set by the engine).
+        schedule: the current experience's learning-rate schedule (set by the engine).
         epoch: index of the current epoch within the experience.
         batch_size: the training batch size (projection strategies choose their form with it).
     """
@@ -40,7 +43,9 @@ class Context:
     sources: Any
     experience: int = 0
     train_source: BatchSource | None = None
+    valid_source: BatchSource | None = None
     optimizer: torch.optim.Optimizer | None = None
+    schedule: Schedule | None = None
     epoch: int = 0
 
     @property

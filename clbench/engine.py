@@ -1,15 +1,19 @@
 """The inner training loop: one experience, on Lightning Fabric (DESIGN.md: Fabric drives the loop).
 
 Per batch: loss = model.loss(batch) [+ strategy.penalty]; Fabric backward; strategy.project; optimizer step.
+Per epoch: the validation loss (when the stream has a validation split), the schedule's rule
+(:mod:`clbench.schedule`), ``strategy.after_epoch``, then the caller's ``on_epoch_end`` (logging, checkpoint).
 Nothing is logged per step: the loss is summed on the device and read once per epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from clbench.schedule import Schedule
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -21,7 +25,13 @@ if TYPE_CHECKING:
 _SHUFFLE_KEY = 1  # stream of randomness for the batch order
 _PLAIN_PRECISION = ("32-true", "32")  # Fabric's wrappers are identities at these
 
-EpochCallback = Callable[[int, float], None]
+
+
+class EpochCallback(Protocol):
+    """``on_epoch_end(epoch, mean_training_loss, extra)``; ``extra`` holds other per-epoch scalars to log
+    (``lr``, ``valid_loss``)."""
+
+    def __call__(self, epoch: int, loss: float, extra: dict[str, float] | None = None) -> None: ...
 
 
 class Engine:
@@ -43,8 +53,27 @@ class Engine:
             opt = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
         return self.fabric.setup_optimizers(opt)
 
+    def schedule(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Schedule:
+        """The learning-rate schedule of an experience trained with ``optimizer``."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return Schedule(self.cfg.schedule, inner, module, self.cfg.lr_min, self.cfg.patience, self.cfg.lr_factor)
+
+    @torch.no_grad()
+    def validation_loss(self, ctx: Context) -> float | None:
+        """Mean loss over the experience's validation split in eval mode (None without one)."""
+        if ctx.valid_source is None:
+            return None
+        ctx.model.eval()
+        total, n = torch.zeros((), device=self.fabric.device), 0
+        for batch in ctx.valid_source.batches(self.cfg.eval_batch_size, shuffle=False):
+            total += ctx.model.loss(batch) * batch[1].shape[0]
+            n += batch[1].shape[0]
+        ctx.model.train()
+        return float(total) / n
+
     def fit(self, ctx: Context, strategy: Strategy, start_epoch: int, on_epoch_end: EpochCallback) -> None:
-        """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs``.
+        """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs`` (or until
+        ``ctx.schedule`` stops), then restore the schedule's best weights.
 
         Fast path: with full precision on one device, Fabric's wrappers only add Python work (the module
         wrapper walks the batch and the output to convert dtypes that are already right, and resolves
@@ -52,12 +81,13 @@ class Engine:
         ``loss.backward`` and the optimizer directly. With mixed precision or several devices every call goes
         through Fabric, which then does real work (autocast, gradient scaling, collectives).
         """
-        model, optimizer, fabric = ctx.model, ctx.optimizer, self.fabric
-        assert optimizer is not None
+        model, optimizer, fabric, schedule = ctx.model, ctx.optimizer, self.fabric, ctx.schedule
+        assert optimizer is not None and schedule is not None
         source = strategy.train_source(ctx)
         if len(source) == 0:
             raise ValueError(f"experience {ctx.experience} has no training samples")
         use_penalty, use_project = strategy.overrides("penalty"), strategy.overrides("project")
+        use_after_epoch = strategy.overrides("after_epoch")
         inner = getattr(optimizer, "optimizer", optimizer)
         if fabric.world_size == 1 and str(self.cfg.precision) in _PLAIN_PRECISION:
             loss_fn, backward, step = ctx.module.loss, torch.Tensor.backward, inner.step
@@ -66,6 +96,8 @@ class Engine:
         zero_grad = inner.zero_grad
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
+            if schedule.stopped:
+                break
             ctx.epoch = epoch
             total = torch.zeros((), device=fabric.device)
             steps = 0
@@ -83,4 +115,9 @@ class Engine:
                 step()
                 total += loss.detach()
                 steps += 1
-            on_epoch_end(epoch, float(total) / steps)
+            report = schedule.step(epoch, float(total) / steps, self.validation_loss(ctx))
+            if use_after_epoch and not report.stop:
+                strategy.after_epoch(ctx, report)
+            extra = {"lr": schedule.lr} | ({} if report.valid_loss is None else {"valid_loss": report.valid_loss})
+            on_epoch_end(epoch, report.loss, extra)
+        schedule.restore_best()

@@ -134,6 +134,7 @@ def run(cfg: RunConfig) -> RunResult:
         checkpoint.save(path, {
             "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
+            "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
             "run_id": tracker.run_id})
 
@@ -147,21 +148,25 @@ def run(cfg: RunConfig) -> RunResult:
         for i in range(start, T):
             ctx.experience, ctx.epoch = i, 0
             ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
+            valid = getattr(stream.benchmark, "valid_stream", None)
+            ctx.valid_source = None if valid is None else sources(valid[i].dataset)
             if state is not None and i == start:
                 checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
             mid = state is not None and i == start and state["optimizer"] is not None
             if not mid:
                 strategy.before_experience(ctx)
             ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
+            ctx.schedule = engine.schedule(ctx.optimizer, module)
             first_epoch = 0
             if mid:
                 ctx.optimizer.load_state_dict(state["optimizer"])
+                ctx.schedule.load_state_dict(state["schedule"])
                 first_epoch = state["next_epoch"]
 
             # Metrics are logged before the snapshot that covers them: a kill in between logs the same value
             # again at the same step on resume (the resumed run recomputes it exactly); none is ever lost.
-            def on_epoch_end(epoch: int, loss: float, i: int = i) -> None:
-                tracker.log_metrics({"loss": loss}, step=i * cfg.engine.epochs + epoch)
+            def on_epoch_end(epoch: int, loss: float, extra: dict[str, float] | None = None, i: int = i) -> None:
+                tracker.log_metrics({"loss": loss} | (extra or {}), step=i * cfg.engine.epochs + epoch)
                 display.epoch(i, epoch, loss)
                 last_loss[:] = [loss]
                 if cfg.engine.checkpoint_every_epoch and not owns_loop:
@@ -181,7 +186,7 @@ def run(cfg: RunConfig) -> RunResult:
             per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
             tracker.log_metrics(per_exp, step=i)
             display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
-            ctx.optimizer = None
+            ctx.optimizer = ctx.schedule = None
             snapshot(i + 1, 0, with_optimizer=False)
         display.close()
         tracker.log_metrics(metrics.summary(R, b), step=T - 1)  # also when resumed after the last snapshot

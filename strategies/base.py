@@ -6,6 +6,7 @@ Call order for experience i (see ``clbench.experiment``)::
     before_experience(ctx)                  state changes for experience i (new heads, rows, bases)
     attach(ctx)                             runtime hooks that follow from the state (projectors, forward hooks)
     per batch: loss = model.loss(batch) + penalty(ctx, batch); backward; project(ctx); optimizer.step()
+      per epoch: validation loss (if any); ctx.schedule.step; after_epoch(ctx, report)
       (or, for a strategy that owns its whole loop, train_experience(ctx, on_epoch_end) instead of the engine)
     detach(ctx)                             remove the runtime hooks
     after_experience(ctx)                   e.g. new bases from the layer inputs
@@ -28,6 +29,7 @@ from clbench.config import StrategyConfig
 if TYPE_CHECKING:
     from clbench.context import Context
     from clbench.engine import EpochCallback
+    from clbench.schedule import EpochReport
     from clbench.streams import BatchSource
 
 
@@ -69,6 +71,10 @@ class Strategy:
     def parameters_to_train(self, ctx: Context) -> Iterator[torch.nn.Parameter]:
         """Parameters the experience's optimizer updates; all trainable ones by default."""
         return (p for p in ctx.module.parameters() if p.requires_grad)
+
+    def after_epoch(self, ctx: Context, report: EpochReport) -> None:
+        """Called after each epoch the schedule does not stop, before the epoch's checkpoint; may change the
+        learning rate through ``ctx.schedule.set_lr``. Only called if overridden."""
 
     def train_experience(self, ctx: Context, on_epoch_end: EpochCallback) -> None:
         """Train experience ``ctx.experience`` with the strategy's own loop (e.g. an Avalanche strategy), calling

@@ -46,8 +46,10 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    # the plateau schedule with patience 1 decays the lr mid-experience: its state must survive the kill too
     args = ["strategy=gpm", "benchmark=permuted_digits", "benchmark.n_tasks=3", "engine.epochs=4",
-            "engine.lr=0.05", "threads=1", "engine.progress=none"]
+            "engine.lr=0.05", "threads=1", "engine.progress=none", "benchmark.validation_fraction=0.1",
+            "engine.schedule=plateau", "engine.patience=1", "engine.lr_min=0.001"]
     cut_dir = tmp_path / "cut"
     cut_dir.mkdir()
     (tmp_path / "full").mkdir()
