@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from clbench.models.alexnet import AlexNet
 from clbench.models.base import Classifier, ContinualModel
 from clbench.models.mlp import MLP
+from clbench.models.resnet import ResNet18
 
 if TYPE_CHECKING:
     from clbench.config import ModelConfig
@@ -18,7 +20,35 @@ def _mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel
                bias=cfg.bias, dropout=cfg.dropout)
 
 
-MODELS: dict[str, Callable[[ModelConfig, StreamSpec, bool], ContinualModel]] = {"mlp": _mlp}
+def _image_shape(cfg: ModelConfig, spec: StreamSpec) -> tuple[int, int, int]:
+    """The stream's (C, H, W); a flat stream cannot feed a conv net."""
+    if len(spec.input_shape) != 3:
+        raise ValueError(f"model.name={cfg.name} needs image inputs of shape (C, H, W), but benchmark "
+                         f"'{spec.name}' gives input_shape {tuple(spec.input_shape)}; use an image stream or "
+                         "model=mlp")
+    c, h, w = spec.input_shape
+    return c, h, w
+
+
+def _alexnet(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+    shape = _image_shape(cfg, spec)
+    try:
+        return AlexNet(shape, spec.classes_per_task, multi_head, spec.n_classes, bias=cfg.bias)
+    except ValueError as e:
+        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+
+
+def _resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+    shape = _image_shape(cfg, spec)
+    try:
+        return ResNet18(shape, spec.classes_per_task, multi_head, spec.n_classes, nf=cfg.width,
+                        stem_stride=cfg.stem_stride, bias=cfg.bias)
+    except ValueError as e:
+        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+
+
+MODELS: dict[str, Callable[[ModelConfig, StreamSpec, bool], ContinualModel]] = {
+    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18}
 
 
 def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
@@ -29,4 +59,4 @@ def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
     return MODELS[cfg.name](cfg, spec, multi)
 
 
-__all__ = ["MODELS", "Classifier", "ContinualModel", "build_model"]
+__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "build_model"]
