@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from clbench.config import BenchmarkConfig
 from clbench.streams import STREAMS, BatchSource, Stream, batch_source, build_stream
 from clbench.streams.batches import LoaderBatchSource, TensorBatchSource, direct_tensors
-from clbench.streams.core import TensorSamples, make_dataset, pmnist_permutations
+from clbench.streams.core import PixelNorm, TensorSamples, make_dataset, pmnist_permutations
 from clbench.streams.offline import mnist1d_split
 
 torch.set_num_threads(1)
@@ -59,6 +60,10 @@ def test_registry_has_every_stream() -> None:
         "permuted_mnist_5k",
         "pmnist",
         "split_cifar100",
+        "split_digits_32",
+        "split_mnist_5k_32",
+        "five_datasets",
+        "miniimagenet",
     }
     assert BenchmarkConfig().name == "permuted_mnist_5k"
 
@@ -407,3 +412,280 @@ def test_avalanche_strategy_runs_on_a_multi_head_stream() -> None:
         strategy.train(exp)  # MultiHeadClassifier.adaptation indexes a tensor with classes_in_this_experience
     strategy.eval(bm.test_stream[:2])
     assert set(model.classifier.classifiers.keys()) == {"0", "1"}
+
+
+# ---------------------------------------------------------------------------------------- image streams
+
+
+def test_pixel_norm_decodes_on_access() -> None:
+    x = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    before = x.clone()
+    norm = PixelNorm(mean=(0.5,), std=(0.25,))
+    view = TensorSamples(x, torch.arange(6), torch.tensor([4, 1]), None, norm)
+    assert view.sample_shape == (3, 32, 32) and view.sample_nbytes == 3 * 32 * 32 * 4
+    xs, ys = view.gather()
+    assert xs.shape == (2, 3, 32, 32) and xs.dtype == torch.float32 and xs.is_contiguous()
+    expected = (x[4].float() / 255 - 0.5) / 0.25
+    assert torch.equal(xs[0, 2], expected[0]) and torch.equal(xs[:, 0], xs[:, 1])
+    assert torch.equal(view[0][0], xs[0]) and view[1][1] == 1 and ys.tolist() == [4, 1]
+    assert torch.equal(x, before)  # decoding never writes into the stored pixels
+    rgb = PixelNorm(mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 4.0), divisor=1.0)(torch.ones(3, 2, 2))
+    assert rgb[:, 0, 0].tolist() == pytest.approx([0.9, 0.4, 0.175])
+    with pytest.raises(ValueError):
+        PixelNorm(mean=(0.1, 0.2), std=(1.0, 1.0))
+    with pytest.raises(ValueError):
+        TensorSamples(torch.zeros(2, 4), torch.zeros(2), norm=norm)
+
+
+def decoded_pixels(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Undo ``(p/255 - mean)/std`` on channel 0 of images ``x``: the stored uint8 pixels."""
+    return ((x[:, 0] * std + mean) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("name", ["split_digits_32", "split_mnist_5k_32"])
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_offline_image_streams(name: str, scenario: str) -> None:
+    stream = build(name, seed=1, n_tasks=5, scenario=scenario)
+    spec = stream.spec
+    assert (spec.input_shape, spec.classes_per_task, spec.n_classes) == ((3, 32, 32), (2,) * 5, 10)
+    assert spec.multi_head is (scenario == "task")
+    check_experiences(stream)
+    bm = stream.benchmark
+    train = [tensors(e.dataset) for e in bm.train_stream]
+    for t, (x, y, _) in enumerate(train):
+        assert set(y.tolist()) == ({0, 1} if scenario == "task" else {2 * t, 2 * t + 1})
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey replicated to RGB
+        assert torch.isfinite(x).all()
+    x_all = torch.cat([x for x, _, _ in train])
+    if name == "split_digits_32":
+        assert len(x_all) + sum(len(e.dataset) for e in bm.test_stream) == 1797
+        # standardised with the training split's scalar mean / std (the upsampled pixels lie in [0, 1])
+        assert float(x_all.mean()) == pytest.approx(0.0, abs=1e-3)
+        assert float(x_all.std()) == pytest.approx(1.0, abs=1e-3)
+        grey = x_all[:, 0]
+        assert float((grey == grey.min()).float().mean()) > 0.2  # the blank background stays blank
+        assert torch.unique(grey).numel() > 17  # bilinear: values between the 17 grey levels of the 8x8 digits
+    else:
+        assert [len(x) for x, _, _ in train] == [800] * 5
+        assert sum(len(e.dataset) for e in bm.test_stream) == 1000
+        from clbench.streams.offline import _mnist_5k_raw
+
+        pixels = decoded_pixels(x_all, 0.1, 0.2752)
+        border = torch.ones(32, 32, dtype=torch.bool)
+        border[2:30, 2:30] = False
+        assert not pixels[:, border].any()  # the 2-pixel zero padding
+        assert row_set(pixels[:, 2:30, 2:30].reshape(len(pixels), -1)) <= row_set(_mnist_5k_raw()[0])
+        assert float(x_all.min()) == pytest.approx(-0.1 / 0.2752, abs=1e-5)
+    again = build(name, seed=1, n_tasks=5, scenario=scenario).benchmark
+    other = build(name, seed=2, n_tasks=5, scenario=scenario).benchmark
+    assert torch.equal(tensors(again.test_stream[3].dataset)[0], tensors(bm.test_stream[3].dataset)[0])
+    # the digits' test split follows the seed; the mnist_5k split is fixed (seed 0) whatever the run seed
+    same = torch.equal(tensors(other.test_stream[3].dataset)[0], tensors(bm.test_stream[3].dataset)[0])
+    assert same is (name == "split_mnist_5k_32")
+
+
+def test_image_stream_direct_read_and_validation() -> None:
+    stream = build("split_mnist_5k_32", n_tasks=5, scenario="task", validation_fraction=0.1)
+    bm = stream.benchmark
+    assert [len(e.dataset) for e in bm.valid_stream] == [80] * 5
+    for exp in (bm.train_stream[2], bm.valid_stream[2], bm.test_stream[0]):
+        direct = direct_tensors(exp.dataset)
+        assert direct is not None and direct[0].dtype == torch.float32
+        assert all(torch.equal(u, v) for u, v in zip(direct, read_by_getitem(exp.dataset), strict=True))
+    xs = batch_source(bm.train_stream[0].dataset, CPU, max_bytes=1000)  # streamed: decoded sample by sample
+    x, _, _ = next(iter(xs.batches(16, False)))
+    assert torch.equal(x, tensors(bm.train_stream[0].dataset)[0][:16])
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "key", "valid"),
+    [
+        ("split_digits_32", {"n_tasks": 3, "scenario": "task"}, "benchmark.n_tasks", "valid"),
+        ("split_mnist_5k_32", {"n_tasks": 5, "scenario": "domain"}, "benchmark.scenario", "valid"),
+        ("five_datasets", {"n_tasks": 4, "scenario": "task"}, "benchmark.n_tasks", "valid: 5"),
+        ("five_datasets", {"n_tasks": 5, "scenario": "class"}, "benchmark.scenario", "valid: 'task'"),
+        ("miniimagenet", {"n_tasks": 21, "scenario": "task"}, "benchmark.n_tasks", "valid: 1..20"),
+        ("miniimagenet", {"n_tasks": 0, "scenario": "task"}, "benchmark.n_tasks", "valid"),
+        ("miniimagenet", {"n_tasks": 20, "scenario": "domain"}, "benchmark.scenario", "valid: 'task'"),
+    ],
+)
+def test_image_stream_bad_values(tmp_path: Path, name: str, overrides: dict[str, object], key: str, valid: str) -> None:
+    # checked before any file is looked for: the data root is empty
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")) as err:
+        build(name, data_root=str(tmp_path), **overrides)
+    assert valid in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "n_tasks", "files", "source"),
+    [
+        ("five_datasets", 5, ["notmnist/notmnist_train.pkl", "notmnist/notmnist_test.pkl"], "nkundiushuti"),
+        ("miniimagenet", 20, ["miniimagenet/train.pkl", "miniimagenet/test.pkl"], "drive.google.com"),
+    ],
+)
+def test_missing_pickled_data_fails_fast(
+    tmp_path: Path, name: str, n_tasks: int, files: list[str], source: str
+) -> None:
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        build(name, data_root=str(tmp_path), download=True, n_tasks=n_tasks, scenario="task")
+    assert time.monotonic() - start < 5.0
+    message = str(err.value)
+    assert all(str(tmp_path / f) in message for f in files) and source in message
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or created, even with download=true
+
+
+def write_pickle(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+
+
+def fake_notmnist(root: Path, n_train: int = 30, n_test: int = 20) -> None:
+    """notMNIST pickles in the layout of nkundiushuti/notmnist_convert: uint8 (N, 1, 32, 32) and uint8 labels."""
+    gen = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        features = gen.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8)
+        write_pickle(root / "notmnist" / f"notmnist_{split}.pkl",
+                     {"features": features, "labels": (np.arange(n) % 10).astype(np.uint8)})
+
+
+def test_five_datasets_missing_torchvision_set_names_it(tmp_path: Path) -> None:
+    fake_notmnist(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        build("five_datasets", data_root=str(tmp_path), n_tasks=5, scenario="task")
+    message = str(err.value)
+    assert "CIFAR-10" in message and str(tmp_path) in message and "benchmark.download=true" in message
+
+
+class FakeVision:
+    """Stands in for a torchvision data set class: tiny random data in the attribute formats torchvision uses."""
+
+    calls: list[tuple[str, dict[str, object]]] = []  # noqa: RUF012
+
+    kind = "cifar"
+
+    def __init__(self, root: str, download: bool, **which: object) -> None:
+        FakeVision.calls.append((type(self).__name__, {"root": root, "download": download, **which}))
+        n = 30 if which.get("train", which.get("split") == "train") else 20
+        gen = np.random.default_rng(n)
+        labels = np.arange(n) % 10
+        if self.kind == "cifar":
+            self.data = gen.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = labels.tolist()
+        elif self.kind == "mnist":
+            self.data = torch.from_numpy(gen.integers(1, 256, (n, 28, 28), dtype=np.uint8))
+            self.targets = torch.from_numpy(labels)
+        else:
+            self.data = gen.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+            self.labels = labels
+
+
+class FakeCIFAR10(FakeVision):
+    kind = "cifar"
+
+
+class FakeMNIST(FakeVision):
+    kind = "mnist"
+
+
+class FakeFashionMNIST(FakeVision):
+    kind = "mnist"
+
+
+class FakeSVHN(FakeVision):
+    kind = "svhn"
+
+
+def test_five_datasets_on_fake_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    from clbench.streams.real import FIVE_DATASETS_NORMS
+
+    for name, cls in (("CIFAR10", FakeCIFAR10), ("MNIST", FakeMNIST), ("SVHN", FakeSVHN),
+                      ("FashionMNIST", FakeFashionMNIST)):
+        monkeypatch.setattr(torchvision.datasets, name, cls)
+    FakeVision.calls = []
+    fake_notmnist(tmp_path)
+    stream = build("five_datasets", data_root=str(tmp_path), n_tasks=5, scenario="task", validation_fraction=0.2)
+    spec = stream.spec
+    assert (spec.n_tasks, spec.input_shape, spec.classes_per_task) == (5, (3, 32, 32), (10,) * 5)
+    assert (spec.n_classes, spec.multi_head) == (50, True)
+    check_experiences(stream)
+    bm = stream.benchmark
+    # 3 training samples per class, round(0.2 * 3) = 1 of each class held out
+    assert [len(e.dataset) for e in bm.train_stream] == [20] * 5
+    assert [len(e.dataset) for e in bm.valid_stream] == [10] * 5
+    assert [len(e.dataset) for e in bm.test_stream] == [20] * 5
+    order = [c for c, _ in FakeVision.calls]
+    assert order == ["FakeCIFAR10"] * 2 + ["FakeMNIST"] * 2 + ["FakeSVHN"] * 2 + ["FakeFashionMNIST"] * 2
+    assert all(kw["root"] == str(tmp_path) and kw["download"] is False for _, kw in FakeVision.calls)
+    assert [kw.get("split") for c, kw in FakeVision.calls if c == "FakeSVHN"] == ["train", "test"]
+    # test streams are the data sets' test splits in order, decoded with each set's mean / std
+    cifar = FakeCIFAR10(root="", download=False, train=False)
+    x, y, _ = tensors(bm.test_stream[0].dataset)
+    expected = (torch.from_numpy(cifar.data).permute(0, 3, 1, 2).float() / 255
+                - torch.tensor(FIVE_DATASETS_NORMS[0].mean).view(1, 3, 1, 1)) / torch.tensor(
+                    FIVE_DATASETS_NORMS[0].std).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-5) and y.tolist() == cifar.targets
+    mnist = FakeMNIST(root="", download=False, train=False)
+    x, _, _ = tensors(bm.test_stream[1].dataset)
+    assert torch.equal(decoded_pixels(x, 0.1, 0.2752)[:, 2:30, 2:30], mnist.data)
+    assert float(x[0, 1, 0, 0]) == pytest.approx(-0.1 / 0.2752) and torch.equal(x[:, 0], x[:, 2])
+    x, _, _ = tensors(bm.test_stream[3].dataset)
+    assert float(x[0, 0, 1, 1]) == pytest.approx(-0.2190 / 0.3318)  # Fashion-MNIST: padded, its own stats
+    with open(tmp_path / "notmnist" / "notmnist_test.pkl", "rb") as f:
+        notmnist = pickle.load(f)
+    x, y, _ = tensors(bm.test_stream[4].dataset)
+    assert torch.equal(decoded_pixels(x, 0.4254, 0.4501), torch.from_numpy(notmnist["features"][:, 0]))
+    assert y.tolist() == notmnist["labels"].tolist() and torch.equal(x[:, 0], x[:, 1])
+
+
+def fake_miniimagenet(root: Path, per_class: dict[str, int], size: int = 84) -> None:
+    """miniImageNet pickles in ROGO's layout; every image is filled with its class id (to trace it back)."""
+    for split, n in per_class.items():
+        labels = [c for c in range(100) for _ in range(n)]
+        images = [np.full((size, size, 3), c, dtype=np.uint8) for c in labels]
+        write_pickle(root / "miniimagenet" / f"{split}.pkl",
+                     {"images": images if split == "train" else np.stack(images), "labels": labels})
+
+
+def test_miniimagenet_on_fake_pickles(tmp_path: Path) -> None:
+    from clbench.streams.real import IMAGENET_MEAN, IMAGENET_STD
+
+    fake_miniimagenet(tmp_path, {"train": 2, "test": 1})
+    kw = {"data_root": str(tmp_path), "scenario": "task", "validation_fraction": 0.5}
+    stream = build("miniimagenet", seed=37, n_tasks=3, **kw)
+    spec = stream.spec
+    assert (spec.n_tasks, spec.input_shape, spec.classes_per_task) == (3, (3, 84, 84), (5, 5, 5))
+    assert (spec.n_classes, spec.multi_head) == (15, True)
+    check_experiences(stream)
+    bm = stream.benchmark
+    order = np.random.RandomState(37).permutation(100)  # ROGO: np.random.seed(seed); permutation(100)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    for t in range(3):
+        for split, n in (("train", 5), ("valid", 5), ("test", 5)):
+            x, y, _ = tensors(bm.streams[split][t].dataset)
+            assert len(x) == n
+            classes = ((x[:, :, 0, 0] * std + mean) * 255).round().long()  # each image is filled with its class
+            assert bool((classes == classes[:, :1]).all())
+            assert [int(order[5 * t + int(label)]) for label in y] == classes[:, 0].tolist()
+    again = build("miniimagenet", seed=37, n_tasks=3, **kw).benchmark
+    other = build("miniimagenet", seed=1, stream_seed=37, n_tasks=3, **kw).benchmark
+    shifted = build("miniimagenet", seed=38, n_tasks=3, **kw).benchmark
+    x0 = tensors(bm.test_stream[2].dataset)[0]
+    assert torch.equal(tensors(again.test_stream[2].dataset)[0], x0)
+    assert torch.equal(tensors(other.test_stream[2].dataset)[0], x0)
+    assert not torch.equal(tensors(shifted.test_stream[2].dataset)[0], x0)
+
+
+def test_miniimagenet_loader_resizes_and_checks(tmp_path: Path) -> None:
+    from clbench.streams.real import load_miniimagenet
+
+    fake_miniimagenet(tmp_path, {"train": 1}, size=10)
+    x, y = load_miniimagenet(str(tmp_path / "miniimagenet" / "train.pkl"))
+    assert x.shape == (100, 3, 84, 84) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0, 40, 40], y.to(torch.uint8))  # a constant image stays constant
+    write_pickle(tmp_path / "bad.pkl", {"images": np.zeros((3, 84, 84, 3), np.uint8), "labels": [0, 1, 2]})
+    with pytest.raises(ValueError, match=r"0\.\.99"):
+        load_miniimagenet(str(tmp_path / "bad.pkl"))

