@@ -12,6 +12,13 @@ Fidelity flags (defaults = the official code, which produced the published numbe
     ``paper`` = the smallest k reaching ε. Updates use the exact k under both rules, as the code does.
   - ``threshold_increment``: ε_t = ε + t·Δ for task t (0-based); the code's CIFAR setting is Δ = 0.003.
   - norm layers' affine parameters are frozen after the first task (the code zeroes their gradients).
+  - ``basis_source``: R from the layers' ``activations`` (GPM) or from their weight ``gradients``,
+    R = (∂L/∂W)ᵀ of one forward/backward on n_s samples in eval mode (ROGO's code on CIFAR-100 and
+    miniImageNet, rogo.md §2). A GPM-vs-ROGO comparison must use the same source.
+
+Diagnostics per protected layer after each task: the memory size and its fraction of the input space, and the
+principal angles between this task's own subspace (its R at the same ε and rule, before the union) and the
+previous task's: their mean and smallest, in degrees (small: the tasks share input directions).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from torch import nn
 
 from clbench.config import ConfigError, StrategyConfig
-from clbench.subspace import LayerProjector, collect_layer_inputs, extend_basis
+from clbench.subspace import LayerProjector, collect_layer_inputs, extend_basis, principal_angles, threshold_basis
 from strategies import register
 from strategies.base import Strategy
 
@@ -53,6 +60,7 @@ class GPMConfig(StrategyConfig):
             inputs, Linear layers only).
         basis_method: ``auto``, ``gram`` or ``svd`` (see ``clbench.subspace.top_singular``).
         freeze_norm_after_first: freeze norm layers' affine parameters after the first task.
+        basis_source: ``activations`` (GPM) or ``gradients`` (ROGO's code on CIFAR-100 / miniImageNet).
     """
 
     name: str = "gpm"
@@ -63,6 +71,7 @@ class GPMConfig(StrategyConfig):
     projection: str = "auto"
     basis_method: str = "auto"
     freeze_norm_after_first: bool = True
+    basis_source: str = "activations"
 
     def validate(self) -> None:
         if not self.threshold or any(not 0.0 < e <= 1.0 for e in self.threshold):
@@ -73,7 +82,8 @@ class GPMConfig(StrategyConfig):
         if not self.samples or any(n < 1 for n in self.samples):
             raise ConfigError(f"bad value for 'strategy.samples': {self.samples}; each n_s must be >= 1")
         for key, valid in (("rank_rule", ("code", "paper")), ("projection", ("auto", "gradient", "input")),
-                           ("basis_method", ("auto", "gram", "svd"))):
+                           ("basis_method", ("auto", "gram", "svd")),
+                           ("basis_source", ("activations", "gradients"))):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"bad value for 'strategy.{key}': '{getattr(self, key)}'; valid: {list(valid)}")
 
@@ -105,6 +115,8 @@ class GPM(Strategy):
         super().__init__(cfg)
         self.bases: dict[str, torch.Tensor] = {}
         self._projectors: list[LayerProjector] = []
+        self._task_bases: dict[str, torch.Tensor] = {}  # the last task's own subspace per layer (for angles)
+        self._angles: dict[str, float] = {}
 
     def setup(self, ctx: Context) -> None:
         names = list(ctx.module.protected_layers())
@@ -142,33 +154,56 @@ class GPM(Strategy):
     @torch.no_grad()
     def after_experience(self, ctx: Context) -> None:
         """Representations of the experience's training samples → extend every layer's memory (Eqs. 5, 8–9)."""
+        reps = self.representations(ctx)
+        for name, R in reps.items():
+            eps = self.threshold(name, ctx.experience)
+            old = self.bases.get(name)
+            own = threshold_basis(R.float(), eps, self.cfg.rank_rule, self.cfg.basis_method)  # Eq. 5 on R alone
+            self.bases[name] = own if old is None else extend_basis(
+                old.to(R.device), R.float(), eps, rule=self.cfg.rank_rule, method=self.cfg.basis_method)
+            self._record_angles(name, own)
+
+    def representations(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """R per protected layer (in × n) from n_s training samples, in eval mode (gpm.md §2 step 2)."""
         assert ctx.train_source is not None
-        module, task = ctx.module, ctx.experience
+        module = ctx.module
         layers = module.protected_layers()
         if not layers:  # e.g. a multi-head net without hidden layers: nothing to protect
-            return
-        x, _, t = ctx.train_source.take(max(self._samples.values()), ctx.generator(_SAMPLE_KEY))
+            return {}
+        x, y, t = ctx.train_source.take(max(self._samples.values()), ctx.generator(_SAMPLE_KEY))
         was_training = module.training
         module.eval()
         try:
-            reps = collect_layer_inputs(module, layers, lambda: module(x, t), samples=self._samples)
+            if self.cfg.basis_source == "activations":
+                return collect_layer_inputs(module, layers, lambda: module(x, t), samples=self._samples)
+            with torch.enable_grad():
+                names = list(layers)
+                grads = torch.autograd.grad(module.loss((x, y, t)), [layers[n].weight for n in names])
+            return {n: g.detach().flatten(1).T for n, g in zip(names, grads, strict=True)}
         finally:
             module.train(was_training)
-        for name, R in reps.items():
-            old = self.bases.get(name)
-            self.bases[name] = extend_basis(None if old is None else old.to(R.device), R.float(),
-                                            self.threshold(name, task), rule=self.cfg.rank_rule,
-                                            method=self.cfg.basis_method)
+
+    def _record_angles(self, name: str, own: torch.Tensor) -> None:
+        """Principal angles (degrees) between this task's own subspace and the previous task's, per layer."""
+        previous = self._task_bases.get(name)
+        self._task_bases[name] = own.detach().cpu()
+        if previous is None or previous.shape[1] == 0 or own.shape[1] == 0:
+            return
+        theta = principal_angles(previous.to(own.device), own).rad2deg()
+        self._angles[f"angle_mean/{name}"] = float(theta.mean())
+        self._angles[f"angle_min/{name}"] = float(theta.min())
 
     def diagnostics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, basis in self.bases.items():
             out[f"basis_dim/{name}"] = float(basis.shape[1])
             out[f"basis_frac/{name}"] = basis.shape[1] / basis.shape[0]
-        return out
+        return out | self._angles
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bases": {k: v.detach().cpu() for k, v in self.bases.items()}}
+        return {"bases": {k: v.detach().cpu() for k, v in self.bases.items()},
+                "task_bases": dict(self._task_bases), "angles": dict(self._angles)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bases = dict(state["bases"])
+        self._task_bases, self._angles = dict(state["task_bases"]), dict(state["angles"])

@@ -5,10 +5,10 @@ No knowledge of strategies, configs or tracking. Modules:
 * :mod:`~clbench.subspace.inputs` — representation matrices of layer inputs (conv inputs unfolded), hooks.
 * :mod:`~clbench.subspace.basis` — energy-threshold bases (GPM Eq. 5, Eqs. 8-9), union, complement.
 * :mod:`~clbench.subspace.projection` — projection of gradients onto span(M)^⊥ (GPM Eqs. 6-7).
-* :mod:`~clbench.subspace.angles` — principal angles between subspaces.
+* :mod:`~clbench.subspace.angles` — principal angles between subspaces; aligned principal vectors (ROGO).
 """
 
-from clbench.subspace.angles import principal_angles
+from clbench.subspace.angles import principal_angles, split_by_alignment
 from clbench.subspace.basis import (
     basis_union,
     energy_rank,
@@ -30,6 +30,7 @@ __all__ = [
     "orthonormal_complement",
     "principal_angles",
     "project_out",
+    "split_by_alignment",
     "threshold_basis",
     "top_singular",
 ]

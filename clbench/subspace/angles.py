@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["principal_angles"]
+__all__ = ["principal_angles", "split_by_alignment"]
 
 
 def _orthonormal(A: Tensor) -> Tensor:
@@ -56,3 +56,22 @@ def principal_angles(A: Tensor, B: Tensor) -> Tensor:
     from_sin = torch.arcsin(sin)
     from_cos = torch.arccos(cos)
     return torch.where(sin**2 < 0.5, from_sin, from_cos)
+
+
+def split_by_alignment(F: Tensor, U: Tensor, min_cos: float) -> tuple[Tensor, Tensor]:
+    """Split span(F) into its principal vectors nearly parallel to span(U) and an orthonormal basis of the rest.
+
+    For orthonormal F (d × p) and U (d × q), take the SVD Uᵀ F = A Σ Bᵀ with a square B (p × p). The columns of
+    F B are the principal vectors of span(F) with respect to span(U), cos θ_i = σ_i (0 beyond rank(Uᵀ F)). The
+    first m with σ_i ≥ ``min_cos`` form the aligned part F B[:, :m]; F B[:, m:] spans the rest of span(F).
+    This is ROGO's greedy relaxing-space search in closed form (rogo.md §2 R4: repeatedly take the direction of
+    span(F) closest to span(U) while its cosine is at least ε_s, and remove it from F). Computed in float64;
+    returns ``(aligned, rest)`` in F's dtype and device, both with orthonormal columns.
+    """
+    if F.shape[1] == 0 or U.shape[1] == 0:
+        return F[:, :0], F
+    F64 = F.to(torch.float64)
+    _, sv, Bh = torch.linalg.svd(U.to(device=F.device, dtype=torch.float64).T @ F64, full_matrices=True)
+    m = int((sv >= min_cos).sum())
+    rotated = (F64 @ Bh.T).to(F.dtype)
+    return rotated[:, :m].contiguous(), rotated[:, m:].contiguous()
