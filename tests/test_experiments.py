@@ -1,0 +1,59 @@
+"""The papers' experiments (clbench/conf/experiment/): each composes into the paper's setting and, without its
+data, fails at once with the missing-data error, before anything is logged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import CONF, run_config
+
+from clbench.experiment import run
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+def test_every_paper_experiment_is_there():
+    assert sorted(f"{m}_{b}" for m in ("gpm", "rogo")
+                                 for b in ("pmnist", "cifar100", "5datasets", "miniimagenet")) == EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_fails_fast_without_its_data(name, tmp_path):
+    cfg = run_config(tmp_path, f"experiment={name}", f"benchmark.data_root={tmp_path}/data")
+    method, _, bench = name.partition("_")
+    assert cfg.strategy.name == method
+    assert cfg.model.name == {"pmnist": "mlp", "cifar100": "alexnet"}.get(bench, "resnet18")
+    start = time.time()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data")):
+        run(cfg)
+    assert time.time() - start < 30
+    assert not (tmp_path / "mlflow.db").exists()  # nothing logged
+
+
+def test_experiment_settings_are_the_papers(tmp_path):
+    cifar = run_config(tmp_path, "experiment=gpm_cifar100")
+    assert (cifar.engine.batch_size, cifar.engine.lr, cifar.engine.lr_min, cifar.engine.patience) == (64, 0.01,
+                                                                                                      1e-5, 6)
+    assert cifar.strategy.samples == [24, 100, 100, 125, 125] and cifar.strategy.threshold_increment == 0.003
+    rogo = run_config(tmp_path, "experiment=rogo_cifar100")
+    assert (rogo.strategy.basis_source, rogo.strategy.search_schedule, rogo.strategy.on_success) == (
+        "gradients", "after_decay", "reset")
+    five = run_config(tmp_path, "experiment=gpm_5datasets")
+    assert len(five.strategy.samples) == 20 and five.engine.lr_factor == 3.0
+    # a command-line override still wins over the experiment
+    assert run_config(tmp_path, "experiment=gpm_pmnist", "engine.epochs=1").engine.epochs == 1
+
+
+def test_cli_names_the_missing_data_and_exits_2(tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "clbench.cli", "experiment=gpm_cifar100",
+                          f"benchmark.data_root={tmp_path}/data"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert str(tmp_path / "data") in out.stdout + out.stderr
+    assert "download" in out.stdout + out.stderr
