@@ -1,5 +1,7 @@
 """``clbench report``: read the MLflow store and tabulate ACC / BWT / FWT / forgetting per strategy × benchmark.
 
+``clbench report --table gpm`` writes a paper's table instead (:mod:`clbench.tables`).
+
 Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. Runs are grouped
 by configuration (the ``config_key`` param: a hash of the whole config but the seed), so runs that differ in
 any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config`` column. When one
@@ -81,7 +83,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     parser.add_argument("--experiment", default="clbench", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
+    parser.add_argument("--table", help="write a paper table (clbench/conf/table/<name>.yaml), e.g. gpm")
+    parser.add_argument("--out", default="results", help="--table: output folder (default: %(default)s)")
+    parser.add_argument("--runs", help="--table: build from this per-run CSV instead of MLflow (no figures)")
+    parser.add_argument("--commands", action="store_true", help="--table: print each cell's command and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        from pathlib import Path
+
+        from clbench.tables import main as table_main
+
+        return table_main(args.table, Path(args.out), args.uri, args.experiment,
+                          Path(args.runs) if args.runs else None, args.commands)
     rows = collect(args.uri, args.experiment)
     if not rows:
         print(f"no finished runs in experiment '{args.experiment}' at {args.uri}")

@@ -1,0 +1,356 @@
+"""Paper tables: a spec (``clbench/conf/table/<name>.yaml``) → per-run figures → tables, manifest and figures.
+
+A spec lists the table's columns (benchmarks, each with the overrides of the stream clbench runs for it), its
+rows (methods, each with its own overrides per column) and the published numbers with their sources. A cell's
+runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by their ``config_key`` param (the hash
+of the whole config but the seed: :func:`clbench.config.fingerprint`), so a run of any other setting never
+lands in a cell.
+
+``clbench report --table gpm`` does two steps, so a table can be checked without the MLflow store:
+
+1. MLflow → ``results/<name>_runs.csv``: one line per (cell, seed) with its scores (the latest finished run);
+2. that CSV → ``results/<name>_table.md`` / ``.csv`` (reproduced mean ± std beside the published values) and
+   ``results/manifest.yaml`` (each cell's exact command, published value with source, reproduced value).
+   ``--runs FILE`` starts from a committed CSV instead (step 2 only).
+
+Figures (step 1 only, from MLflow): per column, the mean accuracy matrices side by side per method, the
+per-task accuracy curves, and the memory size per layer across tasks (``basis_dim/<layer>``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from clbench.config import fingerprint, load
+
+SPEC_DIR = Path(__file__).resolve().parent / "conf" / "table"
+RUN_FIELDS = ("column", "method", "seed", "config_key", "run_id", "acc", "bwt", "fwt", "forgetting")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A (method, column) pair clbench runs: its overrides and the config_key its runs carry."""
+
+    method: str
+    column: str
+    overrides: tuple[str, ...]
+    config_key: str
+
+    def command(self, seeds: list[int]) -> str:
+        quoted = [f"'{o}'" if any(c in o for c in "[], ") else o for o in self.overrides]
+        return " ".join(["clbench -m", *quoted, "seed=" + ",".join(map(str, seeds))])
+
+
+def load_spec(name: str) -> dict[str, Any]:
+    path = SPEC_DIR / f"{name}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+        raise SystemExit(f"clbench report: no table '{name}' ({path}); valid: {valid}")
+    return yaml.safe_load(path.read_text())
+
+
+def compose(*overrides: list[str]) -> list[Any]:
+    """The validated :class:`~clbench.config.RunConfig` of ``clbench <overrides>`` (as the CLI builds it), for
+    each list of overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(SPEC_DIR.parent), version_base="1.3"):
+        return [load(hydra_compose(config_name="config", overrides=o)) for o in overrides]
+
+
+_KEYS: dict[tuple[str, ...], str] = {}  # overrides → config_key
+
+
+def cells(spec: dict[str, Any]) -> list[Cell]:
+    """Every cell clbench runs, in table order."""
+    pairs = []
+    for m in spec["methods"]:
+        for col in spec["columns"]:
+            own = (m.get("overrides") or {}).get(col["key"])
+            if own is not None and col["overrides"] is not None:
+                pairs.append((m["key"], col["key"], (*col["overrides"], *own)))
+    todo = list(dict.fromkeys(o for *_, o in pairs if o not in _KEYS))
+    for overrides, cfg in zip(todo, compose(*map(list, todo)), strict=True):
+        _KEYS[overrides] = fingerprint(cfg, with_seed=False)
+    return [Cell(m, c, o, _KEYS[o]) for m, c, o in pairs]
+
+
+# ------------------------------------------------------------------------------------------ step 1: MLflow
+
+
+def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[dict[str, Any]], dict]:
+    """Rows of the runs CSV (latest finished run per cell and seed) and, per cell, the MLflow run ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {uri}; run the cells first")
+    wanted = {c.config_key: c for c in cells(spec)}
+    seeds = set(spec["seeds"])
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time DESC"], max_results=50000):
+        cell = wanted.get(r.data.params.get("config_key", ""))
+        seed = int(r.data.params.get("seed", -1))
+        if cell is None or seed not in seeds or (cell.method, cell.column, seed) in rows:
+            continue
+        m = r.data.metrics
+        rows[(cell.method, cell.column, seed)] = {
+            "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
+            "run_id": r.info.run_id, **{k: round(m[k], 4) for k in ("acc", "bwt", "fwt", "forgetting")}}
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (_order(spec, k[0], k[1]), k[2]))]
+    return ordered, client
+
+
+def _order(spec: dict[str, Any], method: str, column: str) -> tuple[int, int]:
+    methods = [m["key"] for m in spec["methods"]]
+    columns = [c["key"] for c in spec["columns"]]
+    return methods.index(method), columns.index(column)
+
+
+def write_runs_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RUN_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def read_runs_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [{**r, "seed": int(r["seed"]), **{k: float(r[k]) for k in ("acc", "bwt", "fwt", "forgetting")}}
+                for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------------ step 2: tables
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (method, column): reproduced ACC/BWT mean ± std over seeds, and the published values."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for m in spec["methods"]:
+        for col in spec["columns"]:
+            key = (m["key"], col["key"])
+            mine = [r for r in runs if (r["method"], r["column"]) == key]
+            entry: dict[str, Any] = {"n": len(mine), "seeds": sorted(r["seed"] for r in mine)}
+            for score in ("acc", "bwt"):
+                entry[score] = _mean_std([r[score] for r in mine]) if mine else None
+            pub = (m.get("published") or {}).get(col["key"])
+            entry["published"] = None if pub is None else {
+                "acc": pub[0], "acc_std": pub[1], "bwt": pub[2], "bwt_std": pub[3], "source": pub[4]}
+            out[key] = entry
+    return out
+
+
+def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> str:
+    cols = spec["columns"]
+    head = ["Method"]
+    for c in cols:
+        head.append(f"{c['title']}: published")
+        if c["stand_in"]:
+            head.append(f"{c['title']}: clbench, stand-in")
+    lines = [f"# {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in spec["methods"]:
+        row = [m["label"]]
+        for c in cols:
+            e = agg[(m["key"], c["key"])]
+            p = e["published"]
+            row.append("–" if p is None else f"{_fmt(p['acc'], p['acc_std'])} / {_fmt(p['bwt'], p['bwt_std'])}"
+                       f" [{p['source']}]")
+            if c["stand_in"]:
+                row.append("not run" if not e["n"] else
+                           f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Cells: ACC / BWT in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
+    lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
+    lines += [f"- {c['title']}: no offline stand-in run yet" for c in cols if not c["stand_in"]]
+    lines += ["", "Sources:"] + [f"- [{k}] {v}" for k, v in spec["sources"].items()]
+    if spec.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in spec["notes"]]
+    lines += ["", "Each cell's exact command: results/manifest.yaml. Regenerate: `clbench report --table "
+              f"{spec['name']}` (from MLflow) or `clbench report --table {spec['name']} --runs "
+              f"results/{spec['name']}_runs.csv`.", ""]
+    return "\n".join(lines)
+
+
+def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "column", "kind", "acc", "acc_std", "bwt", "bwt_std", "n", "source"])
+    for m in spec["methods"]:
+        for c in spec["columns"]:
+            e = agg[(m["key"], c["key"])]
+            if (p := e["published"]) is not None:
+                w.writerow([m["key"], c["key"], "published", p["acc"], p["acc_std"], p["bwt"], p["bwt_std"], "",
+                            p["source"]])
+            if e["n"]:
+                w.writerow([m["key"], c["key"], "reproduced", f"{e['acc'][0]:.4f}", f"{e['acc'][1]:.4f}",
+                            f"{e['bwt'][0]:.4f}", f"{e['bwt'][1]:.4f}", e["n"], c["stand_in"].split(":")[0]])
+    return buf.getvalue()
+
+
+def render_manifest(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]], all_cells: list[Cell],
+                    existing: dict[str, Any] | None = None) -> str:
+    """``results/manifest.yaml``: this table's cells (other tables' entries in ``existing`` are kept)."""
+    entries = []
+    for cell in all_cells:
+        e = agg[(cell.method, cell.column)]
+        entry: dict[str, Any] = {"method": cell.method, "column": cell.column,
+                                 "command": cell.command(spec["seeds"]), "config_key": cell.config_key}
+        if e["published"] is not None:
+            entry["published"] = {k: e["published"][k] for k in ("acc", "bwt", "source")}
+        entry["reproduced"] = None if not e["n"] else {
+            "acc": round(e["acc"][0], 2), "acc_std": round(e["acc"][1], 2), "bwt": round(e["bwt"][0], 2),
+            "bwt_std": round(e["bwt"][1], 2), "seeds": e["seeds"]}
+        entries.append(entry)
+    manifest = dict(existing or {})
+    manifest[spec["name"]] = {"table": f"results/{spec['name']}_table.md", "cells": entries}
+    return yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=120)
+
+
+def write_tables(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Step 2: the markdown and CSV tables and the manifest from the per-run rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(spec, runs)
+    name = spec["name"]
+    manifest_path = out / "manifest.yaml"
+    existing = yaml.safe_load(manifest_path.read_text()) if manifest_path.exists() else None
+    written = {out / f"{name}_table.md": render_markdown(spec, agg), out / f"{name}_table.csv": render_csv(spec, agg),
+               manifest_path: render_manifest(spec, agg, cells(spec), existing)}
+    for path, text in written.items():
+        path.write_text(text)
+    return list(written)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], client: Any, out: Path) -> list[Path]:
+    """Per column: mean accuracy matrices side by side, per-task accuracy curves, memory size per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    labels = {m["key"]: m["label"] for m in spec["methods"]}
+    written = []
+    for col in spec["columns"]:
+        mine = [r for r in runs if r["column"] == col["key"]]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        if not methods:
+            continue
+        mats: dict[str, np.ndarray] = {}
+        bases: dict[str, dict[str, dict[int, float]]] = {}
+        for method in methods:
+            stack = []
+            for r in (r for r in mine if r["method"] == method):
+                keys = [k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("acc_task/")]
+                T = len(keys)
+                R = np.full((T, T), np.nan)
+                for j in range(T):
+                    for i, v in _history(client, r["run_id"], f"acc_task/{j}").items():
+                        R[i, j] = v
+                stack.append(R)
+                if r["seed"] == min(x["seed"] for x in mine if x["method"] == method):
+                    dims = [k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("basis_dim/")]
+                    if dims:
+                        bases[method] = {k.split("/", 1)[1]: _history(client, r["run_id"], k) for k in dims}
+            mats[method] = np.mean(stack, axis=0)
+        T = next(iter(mats.values())).shape[0]
+        fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.6), squeeze=False)
+        for ax, method in zip(axes[0], methods, strict=True):
+            ax.imshow(mats[method], vmin=0, vmax=100, cmap="viridis")
+            ax.set_title(labels[method], fontsize=8)
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("test task j", fontsize=7)
+        axes[0][0].set_ylabel("after task i", fontsize=7)
+        fig.suptitle(f"{col['title']} stand-in: mean R (%) over seeds", fontsize=9)
+        fig.tight_layout()
+        written.append(figdir / f"{spec['name']}_{col['key']}_accuracy_matrices.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.4), squeeze=False, sharey=True)
+        for ax, method in zip(axes[0], methods, strict=True):
+            R = mats[method]
+            for j in range(T):
+                ax.plot(range(j, T), R[j:, j], marker=".", lw=1, ms=3)
+            ax.set_title(labels[method], fontsize=8)
+            ax.set_xlabel("after task i", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("accuracy on task j (%)", fontsize=7)
+        fig.suptitle(f"{col['title']} stand-in: accuracy of each task as training goes on", fontsize=9)
+        fig.tight_layout()
+        written.append(figdir / f"{spec['name']}_{col['key']}_task_curves.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        if bases:
+            fig, axes = plt.subplots(1, len(bases), figsize=(3.2 * len(bases), 2.6), squeeze=False)
+            for ax, (method, layers) in zip(axes[0], bases.items(), strict=True):
+                for layer, hist in layers.items():
+                    steps = sorted(hist)
+                    ax.plot(steps, [hist[s] for s in steps], marker=".", label=layer)
+                ax.set_title(f"{labels[method]}: memory size per layer", fontsize=8)
+                ax.set_xlabel("after task i", fontsize=7)
+                ax.tick_params(labelsize=6)
+                ax.legend(fontsize=5)
+            axes[0][0].set_ylabel("basis columns", fontsize=7)
+            fig.tight_layout()
+            written.append(figdir / f"{spec['name']}_{col['key']}_basis_size.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+    return written
+
+
+def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None, commands: bool) -> int:
+    spec = load_spec(name) | {"name": name}
+    if commands:
+        for cell in cells(spec):
+            print(cell.command(spec["seeds"]))
+        return 0
+    if runs_csv is not None:
+        runs, client = read_runs_csv(runs_csv), None
+    else:
+        runs, client = collect_runs(spec, uri, experiment)
+        if not runs:
+            print(f"no finished runs of table '{name}' at {uri}; `clbench report --table {name} --commands` "
+                  "prints the commands")
+            return 1
+        out.mkdir(parents=True, exist_ok=True)
+        write_runs_csv(runs, out / f"{name}_runs.csv")
+    paths = write_tables(spec, runs, out)
+    if client is not None:
+        paths += write_figures(spec, runs, client, out)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
