@@ -32,6 +32,7 @@ class Context:
         schedule: the current experience's learning-rate schedule (set by the engine).
         epoch: index of the current epoch within the experience.
         batch_size: the training batch size (projection strategies choose their form with it).
+        eval_batch_size: the evaluation batch size (also of validation losses).
     """
 
     model: Any
@@ -41,6 +42,7 @@ class Context:
     seed: int
     batch_size: int
     sources: Any
+    eval_batch_size: int = 1000
     experience: int = 0
     train_source: BatchSource | None = None
     valid_source: BatchSource | None = None

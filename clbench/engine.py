@@ -58,19 +58,6 @@ class Engine:
         inner = getattr(optimizer, "optimizer", optimizer)
         return Schedule(self.cfg.schedule, inner, module, self.cfg.lr_min, self.cfg.patience, self.cfg.lr_factor)
 
-    @torch.no_grad()
-    def validation_loss(self, ctx: Context) -> float | None:
-        """Mean loss over the experience's validation split in eval mode (None without one)."""
-        if ctx.valid_source is None:
-            return None
-        ctx.model.eval()
-        total, n = torch.zeros((), device=self.fabric.device), 0
-        for batch in ctx.valid_source.batches(self.cfg.eval_batch_size, shuffle=False):
-            total += ctx.model.loss(batch) * batch[1].shape[0]
-            n += batch[1].shape[0]
-        ctx.model.train()
-        return float(total) / n
-
     def fit(self, ctx: Context, strategy: Strategy, start_epoch: int, on_epoch_end: EpochCallback) -> None:
         """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs`` (or until
         ``ctx.schedule`` stops), then restore the schedule's best weights.
@@ -115,9 +102,24 @@ class Engine:
                 step()
                 total += loss.detach()
                 steps += 1
-            report = schedule.step(epoch, float(total) / steps, self.validation_loss(ctx))
+            report = schedule.step(epoch, float(total) / steps, validation_loss(ctx))
             if use_after_epoch and not report.stop:
                 strategy.after_epoch(ctx, report)
             extra = {"lr": schedule.lr} | ({} if report.valid_loss is None else {"valid_loss": report.valid_loss})
             on_epoch_end(epoch, report.loss, extra)
         schedule.restore_best()
+
+
+@torch.no_grad()
+def validation_loss(ctx: Context) -> float | None:
+    """Mean loss over the experience's validation split in eval mode, in batches of ``ctx.eval_batch_size``
+    (None without a split). Shared by the engine and by strategies that own their loop."""
+    if ctx.valid_source is None:
+        return None
+    ctx.model.eval()
+    total, n = torch.zeros((), device=ctx.device), 0
+    for batch in ctx.valid_source.batches(ctx.eval_batch_size, shuffle=False):
+        total += ctx.model.loss(batch) * batch[1].shape[0]
+        n += batch[1].shape[0]
+    ctx.model.train()
+    return float(total) / n

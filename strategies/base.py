@@ -78,7 +78,7 @@ class Strategy:
 
     def train_experience(self, ctx: Context, on_epoch_end: EpochCallback) -> None:
         """Train experience ``ctx.experience`` with the strategy's own loop (e.g. an Avalanche strategy), calling
-        ``on_epoch_end(epoch, mean_loss)`` after each epoch. Only called if overridden; the engine's loop (and
+        ``on_epoch_end(epoch, mean_loss, extra)`` after each epoch. Only called if overridden; the engine's loop (and
         with it ``penalty`` and ``project``) is then not used, ``ctx.optimizer`` is still this experience's fresh
         optimizer, and a resumed run restarts the interrupted experience from its beginning."""
         raise NotImplementedError
