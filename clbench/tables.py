@@ -87,29 +87,38 @@ def cells(spec: dict[str, Any]) -> list[Cell]:
 # ------------------------------------------------------------------------------------------ step 1: MLflow
 
 
-def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[dict[str, Any]], dict]:
-    """Rows of the runs CSV (latest finished run per cell and seed) and, per cell, the MLflow run ids."""
+def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the runs CSV (latest finished run per cell and seed) and each run's MLflow client.
+
+    ``uri`` may list several stores separated by commas (e.g. sweeps run side by side into separate SQLite
+    files, which do not take concurrent writers well)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {uri}; run the cells first")
     wanted = {c.config_key: c for c in cells(spec)}
     seeds = set(spec["seeds"])
+    found: list[tuple[int, dict[str, Any]]] = []  # (start time, row)
+    clients: dict[str, Any] = {}
+    for one in uri.split(","):
+        client = MlflowClient(tracking_uri=one)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {one}; run the cells first")
+        for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                    max_results=50000):
+            cell = wanted.get(r.data.params.get("config_key", ""))
+            seed = int(r.data.params.get("seed", -1))
+            if cell is None or seed not in seeds:
+                continue
+            m = r.data.metrics
+            clients[r.info.run_id] = client
+            found.append((r.info.start_time, {
+                "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
+                "run_id": r.info.run_id, **{k: round(m[k], 4) for k in ("acc", "bwt", "fwt", "forgetting")}}))
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                order_by=["attributes.start_time DESC"], max_results=50000):
-        cell = wanted.get(r.data.params.get("config_key", ""))
-        seed = int(r.data.params.get("seed", -1))
-        if cell is None or seed not in seeds or (cell.method, cell.column, seed) in rows:
-            continue
-        m = r.data.metrics
-        rows[(cell.method, cell.column, seed)] = {
-            "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
-            "run_id": r.info.run_id, **{k: round(m[k], 4) for k in ("acc", "bwt", "fwt", "forgetting")}}
+    for _, row in sorted(found, key=lambda f: f[0], reverse=True):  # the latest run of a cell and seed counts
+        rows.setdefault((row["method"], row["column"], row["seed"]), row)
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (_order(spec, k[0], k[1]), k[2]))]
-    return ordered, client
+    return ordered, clients
 
 
 def _order(spec: dict[str, Any], method: str, column: str) -> tuple[int, int]:
@@ -247,11 +256,7 @@ def write_tables(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) ->
 # ------------------------------------------------------------------------------------------ figures
 
 
-def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], client: Any, out: Path) -> list[Path]:
+def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dict[str, Any], out: Path) -> list[Path]:
     """Per column: mean accuracy matrices side by side, per-task accuracy curves, memory size per layer."""
     import matplotlib
 
@@ -272,17 +277,22 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], client: Any,
         for method in methods:
             stack = []
             for r in (r for r in mine if r["method"] == method):
+                client = clients[r["run_id"]]
+
+                def history(key: str, run_id: str = r["run_id"], client: Any = client) -> dict[int, float]:
+                    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
                 keys = [k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("acc_task/")]
                 T = len(keys)
                 R = np.full((T, T), np.nan)
                 for j in range(T):
-                    for i, v in _history(client, r["run_id"], f"acc_task/{j}").items():
+                    for i, v in history(f"acc_task/{j}").items():
                         R[i, j] = v
                 stack.append(R)
                 if r["seed"] == min(x["seed"] for x in mine if x["method"] == method):
                     dims = [k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("basis_dim/")]
                     if dims:
-                        bases[method] = {k.split("/", 1)[1]: _history(client, r["run_id"], k) for k in dims}
+                        bases[method] = {k.split("/", 1)[1]: history(k) for k in dims}
             mats[method] = np.mean(stack, axis=0)
         T = next(iter(mats.values())).shape[0]
         fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.6), squeeze=False)
@@ -340,9 +350,9 @@ def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None,
             print(cell.command(spec["seeds"]))
         return 0
     if runs_csv is not None:
-        runs, client = read_runs_csv(runs_csv), None
+        runs, clients = read_runs_csv(runs_csv), None
     else:
-        runs, client = collect_runs(spec, uri, experiment)
+        runs, clients = collect_runs(spec, uri, experiment)
         if not runs:
             print(f"no finished runs of table '{name}' at {uri}; `clbench report --table {name} --commands` "
                   "prints the commands")
@@ -350,7 +360,7 @@ def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None,
         out.mkdir(parents=True, exist_ok=True)
         write_runs_csv(runs, out / f"{name}_runs.csv")
     paths = write_tables(spec, runs, out)
-    if client is not None:
-        paths += write_figures(spec, runs, client, out)
+    if clients is not None:
+        paths += write_figures(spec, runs, clients, out)
     print("wrote " + ", ".join(map(str, paths)))
     return 0
