@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from benchmarks._common import parse_args, synchronize, write_json
+from benchmarks._common import parse_args, synchronize, timeit, write_json
 from clbench.subspace import extend_basis, threshold_basis
 
 LAYERS: dict[str, tuple[int, int]] = {
@@ -127,18 +127,6 @@ class PeakMemory:
         return result, float(max(0, peak - before))
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (no warm-up: each call is a full decomposition)."""
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def memory_products(M: Tensor, R: Tensor) -> Tensor:
     """The memory's share of extend_basis (Eq. 8): Mᵀ R and R − M (Mᵀ R)."""
     proj = M.T @ R
@@ -180,12 +168,13 @@ def main() -> dict[str, Any]:
                 def update(M: Tensor | None = M, R: Tensor = R) -> Tensor:
                     return extend_basis(M, R, THRESHOLD, rule="code")
 
-                row["ms"][name] = median_time(update, args.repeats) * 1e3
+                row["ms"][name] = timeit(update, args.repeats, warmup=0) * 1e3
                 if M is not None and M.shape[1] > 0:
-                    row["memory_ms"][name] = median_time(lambda M=M, R=R: memory_products(M, R), args.repeats) * 1e3
+                    products = functools.partial(memory_products, M, R)
+                    row["memory_ms"][name] = timeit(products, args.repeats, warmup=0) * 1e3
                 else:
                     row["memory_ms"][name] = 0.0
-                row["own_ms"][name] = median_time(lambda R=R: threshold_basis(R, THRESHOLD, rule="code"), 1) * 1e3
+                row["own_ms"][name] = timeit(lambda R=R: threshold_basis(R, THRESHOLD, rule="code"), 1, warmup=0) * 1e3
                 new, used = peak.measure(update)
                 row["peak_mb"][name] = None if used is None else used / 2**20
                 bases[name] = new

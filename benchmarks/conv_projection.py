@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from benchmarks._common import paired_ratio, parse_args, timeit_rounds, write_json
+from benchmarks.projection import step_loop
 from clbench.config import BenchmarkConfig, ModelConfig
 from clbench.models import build_model
 from clbench.models.alexnet import GPM_SAMPLES
@@ -140,22 +141,6 @@ def official_project(layers: dict[str, nn.Module], P: dict[str, Tensor]) -> None
         assert w.grad is not None
         flat = w.grad.view(w.shape[0], -1)
         w.grad = (flat - flat @ matrix).view(w.shape)
-
-
-def step_loop(model: ContinualModel, batches: list[Batch], project: Callable[[], None] | None) -> Callable[[], None]:
-    """A function running one SGD step (lr 0.01) per batch: forward, backward, ``project()``, step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
-
-    def run() -> None:
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=True)
-            model.loss(batch).backward()
-            if project is not None:
-                project()
-            optimizer.step()
-
-    return run
 
 
 def projected_gradients(
