@@ -256,6 +256,17 @@ def write_tables(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) ->
 # ------------------------------------------------------------------------------------------ figures
 
 
+def _save(fig: Any, title: str, stem: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(f"{stem}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dict[str, Any], out: Path) -> list[Path]:
     """Per column: mean accuracy matrices side by side, per-task accuracy curves, memory size per layer."""
     import matplotlib
@@ -304,11 +315,8 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
             ax.tick_params(labelsize=6)
             ax.set_xlabel("test task j", fontsize=7)
         axes[0][0].set_ylabel("after task i", fontsize=7)
-        fig.suptitle(f"{col['title']} stand-in: mean R (%) over seeds", fontsize=9)
-        fig.tight_layout()
-        written.append(figdir / f"{spec['name']}_{col['key']}_accuracy_matrices.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        prefix = figdir / f"{spec['name']}_{col['key']}"
+        written.append(_save(fig, f"{col['title']} stand-in: mean R (%) over seeds", f"{prefix}_accuracy_matrices"))
 
         fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.4), squeeze=False, sharey=True)
         for ax, method in zip(axes[0], methods, strict=True):
@@ -319,11 +327,8 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
             ax.set_xlabel("after task i", fontsize=7)
             ax.tick_params(labelsize=6)
         axes[0][0].set_ylabel("accuracy on task j (%)", fontsize=7)
-        fig.suptitle(f"{col['title']} stand-in: accuracy of each task as training goes on", fontsize=9)
-        fig.tight_layout()
-        written.append(figdir / f"{spec['name']}_{col['key']}_task_curves.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, f"{col['title']} stand-in: accuracy of each task as training goes on",
+                             f"{prefix}_task_curves"))
 
         if bases:
             fig, axes = plt.subplots(1, len(bases), figsize=(3.2 * len(bases), 2.6), squeeze=False)
@@ -331,15 +336,12 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                 for layer, hist in layers.items():
                     steps = sorted(hist)
                     ax.plot(steps, [hist[s] for s in steps], marker=".", label=layer)
-                ax.set_title(f"{labels[method]}: memory size per layer", fontsize=8)
+                ax.set_title(labels[method], fontsize=8)
                 ax.set_xlabel("after task i", fontsize=7)
                 ax.tick_params(labelsize=6)
                 ax.legend(fontsize=5)
             axes[0][0].set_ylabel("basis columns", fontsize=7)
-            fig.tight_layout()
-            written.append(figdir / f"{spec['name']}_{col['key']}_basis_size.png")
-            fig.savefig(written[-1], dpi=110)
-            plt.close(fig)
+            written.append(_save(fig, f"{col['title']} stand-in: memory size per layer", f"{prefix}_basis_size"))
     return written
 
 
