@@ -58,6 +58,16 @@ class Context:
     def n_experiences(self) -> int:
         return self.stream.spec.n_tasks
 
+    def eval_order(self, *keys: int) -> torch.Generator:
+        """A CPU generator for the order of evaluation batches, seeded from (seed, *keys) only, so every
+        evaluation of the same data visits it in the same order. Accuracy does not depend on the order, except
+        for nets whose norm layers use batch statistics also in eval (GPM's BN): batches in the stream's order
+        may then hold one class each, so evaluation goes in a fixed random order, as GPM's code shuffles its
+        test batches."""
+        g = torch.Generator()
+        g.manual_seed(hash_seed(self.seed, -1, *keys))
+        return g
+
     def generator(self, *keys: int) -> torch.Generator:
         """A CPU generator seeded from (seed, experience, *keys): reproducible across resumes."""
         g = torch.Generator()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from strategies.base import Strategy
 
 _SHUFFLE_KEY = 1  # stream of randomness for the batch order
+_VALID_KEY = 2  # order of the validation batches (see Context.eval_order)
 _PLAIN_PRECISION = ("32-true", "32")  # Fabric's wrappers are identities at these
 
 
@@ -118,7 +119,8 @@ def validation_loss(ctx: Context) -> float | None:
         return None
     ctx.model.eval()
     total, n = torch.zeros((), device=ctx.device), 0
-    for batch in ctx.valid_source.batches(ctx.eval_batch_size, shuffle=False):
+    order = ctx.eval_order(_VALID_KEY, ctx.experience)
+    for batch in ctx.valid_source.batches(ctx.eval_batch_size, shuffle=True, generator=order):
         total += ctx.model.loss(batch) * batch[1].shape[0]
         n += batch[1].shape[0]
     ctx.model.train()

@@ -25,6 +25,8 @@ from strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
+_EVAL_KEY = 3  # order of the test batches (see Context.eval_order)
+
 
 @dataclass
 class RunResult:
@@ -107,8 +109,9 @@ def run(cfg: RunConfig) -> RunResult:
 
     def evaluate_all() -> np.ndarray:
         model.eval()
-        row = [metrics.evaluate(model, s.batches(cfg.engine.eval_batch_size, shuffle=False), spec.n_classes,
-                                fabric.device) for s in tests]
+        row = [metrics.evaluate(model, s.batches(cfg.engine.eval_batch_size, shuffle=True,
+                                                 generator=ctx.eval_order(_EVAL_KEY, j)), spec.n_classes,
+                                fabric.device) for j, s in enumerate(tests)]
         model.train()
         return np.array(row)
 

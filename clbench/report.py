@@ -80,7 +80,8 @@ def render(rows: list[Row], fmt: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clbench report", description=__doc__)
-    parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI; --table: several, comma-separated (default: %(default)s)")
+    parser.add_argument("--uri", default="sqlite:///mlflow.db",
+                        help="MLflow tracking URI; --table: several, comma-separated (default: %(default)s)")
     parser.add_argument("--experiment", default="clbench", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--table", help="write a paper table (clbench/conf/table/<name>.yaml), e.g. gpm")
