@@ -63,6 +63,16 @@ class ModelConfig:
         dropout: dropout after each hidden activation of the MLP (0: none); the conv nets use their papers'.
         width: base width of the reduced ResNet-18 (nf; GPM uses 20).
         stem_stride: stride of the ResNet's first conv (1 for 32×32 inputs, 2 for miniImageNet's 84×84).
+        time_steps: spiking nets: T, the simulated time steps per sample (HLOP: 20 under DSR, 6 under BPTT).
+        neuron: spiking nets: ``dsr`` (LIF trained by DSR, HLOP's main results) or ``bptt`` (LIF, BPTT with a
+            sigmoid surrogate); see :mod:`clbench.models.snn`.
+        tau: spiking nets: the membrane time constant τ; null = the neuron's paper value (DSR 1, BPTT 2).
+        v_th: spiking nets: the (initial) threshold V_th; null = the neuron's paper value (DSR 0.3, BPTT 1).
+        dt: DSR: the step Δt (0.05); spikes carry V_th/Δt.
+        fire_at: DSR: fire when the potential reaches this fraction of V_th (0.3; the reset subtracts V_th).
+        v_th_min: DSR: lower bound of the trainable V_th (5e-4).
+        train_v_th: DSR: V_th is a trainable parameter (one per layer).
+        surrogate_alpha: BPTT: steepness α of the sigmoid surrogate gradient (4).
     """
 
     name: str = "mlp"
@@ -72,6 +82,15 @@ class ModelConfig:
     dropout: float = 0.0
     width: int = 20
     stem_stride: int = 1
+    time_steps: int = 20
+    neuron: str = "dsr"
+    tau: float | None = None
+    v_th: float | None = None
+    dt: float = 0.05
+    fire_at: float = 0.3
+    v_th_min: float = 5e-4
+    train_v_th: bool = True
+    surrogate_alpha: float = 4.0
 
 
 @dataclass
@@ -263,6 +282,16 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}; must be in [0, 1)")
     _check(m.width >= 1, "model.width", f"{m.width}; must be >= 1")
     _check(m.stem_stride in (1, 2), "model.stem_stride", f"{m.stem_stride}; must be 1 or 2")
+    _check(m.time_steps >= 1, "model.time_steps", f"{m.time_steps}; must be >= 1")
+    _check(m.neuron in ("dsr", "bptt"), "model.neuron", f"'{m.neuron}' is not one of ['dsr', 'bptt']")
+    _check(m.tau is None or (m.tau > 0 and (m.neuron != "bptt" or m.tau >= 1)), "model.tau",
+           f"{m.tau}; must be > 0 (>= 1 for the bptt neuron, whose leak is 1 - 1/tau) or null")
+    _check(m.v_th is None or m.v_th > 0, "model.v_th", f"{m.v_th}; must be > 0 or null")
+    _check(m.dt > 0, "model.dt", f"{m.dt}; must be > 0")
+    _check(0 < m.fire_at <= 1, "model.fire_at", f"{m.fire_at}; must be in (0, 1]")
+    _check(m.v_th_min >= 0, "model.v_th_min", f"{m.v_th_min}; must be >= 0")
+    _check(m.surrogate_alpha > 0, "model.surrogate_alpha", f"{m.surrogate_alpha}; must be > 0")
+    _check(m.name != "snn_mlp" or len(m.hidden) >= 1, "model.hidden", "snn_mlp needs at least one hidden layer")
     _check(e.epochs >= 1, "engine.epochs", f"{e.epochs}; must be >= 1")
     _check(e.batch_size >= 1, "engine.batch_size", f"{e.batch_size}; must be >= 1")
     _check(e.eval_batch_size >= 1, "engine.eval_batch_size", f"{e.eval_batch_size}; must be >= 1")
@@ -283,15 +312,39 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     return run
 
 
+_UNKEYED = ("resume", "checkpoint_dir", "threads", "tracking.", "engine.progress")
+
+
+def _keyed(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, str]:
+    """The settings that define results: every schema key but :data:`_UNKEYED` and the seed, whose value
+    (as text, as MLflow stores it) differs from the schema's default; the component names always."""
+    return {k: str(v) for k, v in flat.items() if k in defaults and not k.startswith(_UNKEYED) and k != "seed"
+            and (k.endswith(".name") or str(v) != str(defaults[k]))}
+
+
+def _schema_defaults(strategy: str) -> dict[str, Any]:
+    from strategies import config_class
+
+    base = RunConfig(strategy=config_class(strategy)())
+    return flatten(asdict(base))
+
+
+def _digest(items: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(items.items())).encode()).hexdigest()[:16]
+
+
 def fingerprint(cfg: RunConfig, with_seed: bool = True) -> str:
-    """A stable hash of everything that defines a run's results: not ``resume``, paths, threads, display or
-    tracking. With ``with_seed=False`` it names a configuration whose seeds ``clbench report`` aggregates."""
-    data = asdict(cfg)
-    for key in ("resume", "checkpoint_dir", "tracking", "threads") + (() if with_seed else ("seed",)):
-        data.pop(key)
-    data["engine"].pop("progress")
-    blob = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """A stable hash of everything that defines a run's results: the keys whose value differs from the schema
+    default (not ``resume``, paths, threads, display or tracking). Omitting defaults keeps the hash of every
+    earlier run when a new key is added with a default that keeps the old behaviour. With ``with_seed=False`` it
+    names a configuration whose seeds ``clbench report`` aggregates."""
+    items = _keyed(flatten(asdict(cfg)), _schema_defaults(cfg.strategy.name))
+    return _digest(items | ({"seed": str(cfg.seed)} if with_seed else {}))
+
+
+def fingerprint_params(params: dict[str, str]) -> str:
+    """:func:`fingerprint` (without the seed) of a run from its MLflow params (the flattened config as text)."""
+    return _digest(_keyed(params, _schema_defaults(params["strategy.name"])))
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,9 +3,9 @@
 ``clbench report --table gpm`` writes a paper's table instead (:mod:`clbench.tables`).
 
 Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. Runs are grouped
-by configuration (the ``config_key`` param: a hash of the whole config but the seed), so runs that differ in
-any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config`` column. When one
-configuration and seed was run more than once, the latest finished run counts.
+by configuration (a hash of every non-default setting but the seed, recomputed from the run's params), so
+runs that differ in any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config``
+column. When one configuration and seed was run more than once, the latest finished run counts.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
+
+from clbench.config import fingerprint_params
 
 SCORES = ("acc", "bwt", "fwt", "forgetting")
 
@@ -49,9 +51,9 @@ def collect(uri: str, experiment: str) -> list[Row]:
     latest: dict[tuple[str, str, str, int], dict[str, float]] = {}
     for r in runs:
         p = r.data.params
-        if "config_key" not in p or "acc" not in r.data.metrics:
+        if "strategy.name" not in p or "acc" not in r.data.metrics:
             continue
-        latest.setdefault((p["benchmark.name"], p["strategy.name"], p["config_key"][:8], int(p["seed"])),
+        latest.setdefault((p["benchmark.name"], p["strategy.name"], fingerprint_params(p)[:8], int(p["seed"])),
                           r.data.metrics)
     rows: dict[tuple[str, str, str], Row] = {}
     for (benchmark, strategy, config, seed), m in sorted(latest.items()):

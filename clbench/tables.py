@@ -2,9 +2,9 @@
 
 A spec lists the table's columns (benchmarks, each with the overrides of the stream clbench runs for it), its
 rows (methods, each with its own overrides per column) and the published numbers with their sources. A cell's
-runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by their ``config_key`` param (the hash
-of the whole config but the seed: :func:`clbench.config.fingerprint`), so a run of any other setting never
-lands in a cell.
+runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
+(every non-default setting but the seed: :func:`clbench.config.fingerprint_params`), so a run of any other
+setting never lands in a cell.
 
 ``clbench report --table gpm`` does two steps, so a table can be checked without the MLflow store:
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from clbench.config import fingerprint, load
+from clbench.config import fingerprint, fingerprint_params, load
 
 SPEC_DIR = Path(__file__).resolve().parent / "conf" / "table"
 RUN_FIELDS = ("column", "method", "seed", "config_key", "run_id", "acc", "bwt", "fwt", "forgetting")
@@ -105,7 +105,9 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
             raise SystemExit(f"clbench report: no MLflow experiment '{experiment}' at {one}; run the cells first")
         for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                     max_results=50000):
-            cell = wanted.get(r.data.params.get("config_key", ""))
+            if "strategy.name" not in r.data.params:
+                continue
+            cell = wanted.get(fingerprint_params(r.data.params))  # recomputed: robust to keys added since
             seed = int(r.data.params.get("seed", -1))
             if cell is None or seed not in seeds:
                 continue

@@ -78,3 +78,22 @@ def test_cli_bad_value_fails_fast_and_logs_nothing(tmp_path):
     assert out.returncode == 2
     assert "engine.lr" in out.stderr and "must be > 0" in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_config_key_ignores_defaults_and_is_recomputable_from_mlflow_params(tmp_path):
+    """The key of a configuration hashes its non-default settings (and the component names), so adding a key
+    with a default keeps every earlier run's key; the report recomputes it from a run's params."""
+    from dataclasses import asdict
+
+    from helpers import run_config
+
+    from clbench.config import fingerprint, fingerprint_params, flatten
+
+    base = run_config(tmp_path, "strategy=naive")
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.width=20"), False) == fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.width=21"), False) != fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=ewc"), False) != fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "seed=3"), False) == fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "seed=3")) != fingerprint(base)
+    params = {k: str(v) for k, v in flatten(asdict(base)).items()}
+    assert fingerprint_params(params) == fingerprint(base, with_seed=False)

@@ -1,0 +1,88 @@
+"""Paper tables: cells found in MLflow by config_key, mean ± std over seeds beside the published values, and
+the committed results/ regenerated exactly from the committed per-run figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clbench import tables
+from clbench.config import flatten
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return tables.load_spec("gpm") | {"name": "gpm"}
+
+
+def test_every_cell_has_its_own_config_key_and_a_runnable_command(spec):
+    cells = tables.cells(spec)
+    assert len({c.config_key for c in cells}) == len(cells)
+    gpm = next(c for c in cells if (c.method, c.column) == ("gpm", "pmnist"))
+    assert gpm.command([0, 1, 2]) == "clbench -m benchmark=permuted_mnist_5k model=mlp strategy=gpm seed=0,1,2"
+    # the default job (README) is the GPM / PMNIST-stand-in cell
+    assert gpm.config_key == tables.fingerprint(tables.compose([])[0], with_seed=False)
+
+
+def _log(client, exp_id, overrides, seed, acc, bwt, T=2, extra=None, drop=()):
+    """A finished run with the params clbench logs for ``clbench <overrides> seed=<seed>`` (minus ``drop``)."""
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id)
+    rid = run.info.run_id
+    cfg = tables.compose([*overrides, f"seed={seed}"])[0]
+    params = {k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in drop}
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    for k, v in ({"acc": acc, "bwt": bwt, "fwt": 0.0, "forgetting": -bwt} | (extra or {})).items():
+        client.log_metric(rid, k, v)
+    for i in range(T):
+        for j in range(T):
+            client.log_metric(rid, f"acc_task/{j}", 50.0 + 10 * i - j, step=i)
+        client.log_metric(rid, "basis_dim/hidden.0", 10.0 * (i + 1), step=i)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def test_report_from_mlflow(tmp_path, spec):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("clbench", artifact_location=str(tmp_path / "art"))
+    cells = {(c.method, c.column): c for c in tables.cells(spec)}
+    gpm, naive = cells[("gpm", "pmnist")], cells[("naive", "pmnist")]
+    for seed, acc in enumerate((90.0, 92.0, 94.0)):
+        # a run logged before model.time_steps existed (a key added later, at its default) still counts
+        _log(client, exp_id, gpm.overrides, seed, acc, -2.0, drop=("model.time_steps",) if seed == 2 else ())
+    _log(client, exp_id, naive.overrides, 0, 70.0, -20.0)
+    _log(client, exp_id, naive.overrides, 7, 10.0, -90.0)  # a seed outside the table: ignored
+    _log(client, exp_id, (*naive.overrides, "engine.epochs=2"), 1, 1.0, -99.0)  # another configuration: ignored
+    out = tmp_path / "results"
+    assert tables.main("gpm", out, uri, "clbench", None, False) == 0
+    md = (out / "gpm_table.md").read_text()
+    gpm_line = next(line for line in md.splitlines() if line.startswith("| GPM |"))
+    assert "93.91 ± 0.16 / -3.00 ± 0.00 [P-cr]" in gpm_line and "92.00 ± 2.00 / -2.00 ± 0.00 (n=3)" in gpm_line
+    naive_line = next(line for line in md.splitlines() if line.startswith("| SGD (naive) |"))
+    assert "70.00 ± 0.00 / -20.00 ± 0.00 (n=1)" in naive_line
+    manifest = yaml.safe_load((out / "manifest.yaml").read_text())["gpm"]["cells"]
+    entry = next(e for e in manifest if (e["method"], e["column"]) == ("gpm", "pmnist"))
+    assert entry["reproduced"]["seeds"] == [0, 1, 2] and entry["published"]["source"] == "P-cr"
+    assert entry["command"].endswith("strategy=gpm seed=0,1,2")
+    runs = tables.read_runs_csv(out / "gpm_runs.csv")
+    assert [(r["method"], r["seed"]) for r in runs] == [("naive", 0), ("gpm", 0), ("gpm", 1), ("gpm", 2)]
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["gpm_pmnist_accuracy_matrices.png", "gpm_pmnist_basis_size.png",
+                       "gpm_pmnist_task_curves.png"]
+
+
+def test_committed_table_is_regenerated_exactly_from_the_committed_runs(tmp_path, spec):
+    """results/gpm_table.md, .csv and manifest.yaml follow from results/gpm_runs.csv and the spec."""
+    runs = RESULTS / "gpm_runs.csv"
+    tables.write_tables(spec, tables.read_runs_csv(runs), tmp_path)
+    for name in ("gpm_table.md", "gpm_table.csv", "manifest.yaml"):
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
