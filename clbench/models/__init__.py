@@ -9,6 +9,7 @@ from clbench.models.alexnet import AlexNet
 from clbench.models.base import Classifier, ContinualModel
 from clbench.models.mlp import MLP
 from clbench.models.resnet import ResNet18
+from clbench.models.snn import SpikingMLP, SpikingNeuron, make_neuron
 
 if TYPE_CHECKING:
     from clbench.config import ModelConfig
@@ -47,8 +48,17 @@ def _resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> Continual
         raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
 
 
+def _snn_mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+    def neuron() -> SpikingNeuron:
+        return make_neuron(cfg.neuron, tau=cfg.tau, v_th=cfg.v_th, dt=cfg.dt, fire_at=cfg.fire_at,
+                           v_th_min=cfg.v_th_min, train_v_th=cfg.train_v_th, surrogate_alpha=cfg.surrogate_alpha)
+
+    return SpikingMLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head, spec.n_classes,
+                      time_steps=cfg.time_steps, neuron=neuron, bias=cfg.bias)
+
+
 MODELS: dict[str, Callable[[ModelConfig, StreamSpec, bool], ContinualModel]] = {
-    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18}
+    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18, "snn_mlp": _snn_mlp}
 
 
 def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
@@ -59,4 +69,4 @@ def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
     return MODELS[cfg.name](cfg, spec, multi)
 
 
-__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "build_model"]
+__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "SpikingMLP", "build_model"]

@@ -6,6 +6,7 @@ No knowledge of strategies, configs or tracking. Modules:
 * :mod:`~clbench.subspace.basis` — energy-threshold bases (GPM Eq. 5, Eqs. 8-9), union, complement.
 * :mod:`~clbench.subspace.projection` — projection of gradients onto span(M)^⊥ (GPM Eqs. 6-7).
 * :mod:`~clbench.subspace.angles` — principal angles between subspaces; aligned principal vectors (ROGO).
+* :mod:`~clbench.subspace.hebbian` — the Hebbian route to a basis: Oja's subspace rule with frozen old rows (HLOP).
 """
 
 from clbench.subspace.angles import principal_angles, split_by_alignment
@@ -17,15 +18,18 @@ from clbench.subspace.basis import (
     threshold_basis,
     top_singular,
 )
+from clbench.subspace.hebbian import HebbianSubspace, hebbian_extend
 from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix
 from clbench.subspace.projection import LayerProjector, project_out
 
 __all__ = [
+    "HebbianSubspace",
     "LayerProjector",
     "basis_union",
     "collect_layer_inputs",
     "energy_rank",
     "extend_basis",
+    "hebbian_extend",
     "layer_input_matrix",
     "orthonormal_complement",
     "principal_angles",

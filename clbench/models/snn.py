@@ -1,0 +1,266 @@
+"""Spiking networks in plain torch (HLOP, Xiao et al. ICLR 2024; hlop.md "Spiking network details").
+
+Activity layout: (B, T, n), samples first and time second, so that dim 0 always counts samples (what
+:func:`~clbench.subspace.inputs.collect_layer_inputs` limits) and a Linear layer acts on every time step at once.
+
+Neurons (``kind``):
+
+* ``"dsr"`` — the LIF neuron trained with DSR (differentiation on spike representation; Meng et al. CVPR 2022)
+  behind all of HLOP's main results. Forward, per step t = 1..T, with β = exp(−Δt/τ)::
+
+      u_t = β u_{t−1} + (1 − β) I_t;   fire if u_t ≥ a·V_th (a = 0.3);   u_t ← u_t − V_th on a spike;
+      s_t = V_th/Δt on a spike, else 0.
+
+  The weighted firing rate of a sequence z is r(z) = Σ_t w_t z_t / Σ_t w_t, w_t = exp(−(T − t)Δt/τ). The
+  backward (no surrogate) treats the layer as r_out = clamp(r_in/τ, 0, V_th/Δt), r_in = r(I):
+
+      ∂L/∂I_t = (1/τ)·r(∂L/∂s)·1[0 < r_in < τV_th/Δt]            (the same for every t)
+      ∂L/∂V_th = Δt·Σ_{samples, neurons} T·r(∂L/∂s)·1[r_in > τV_th/Δt]   (as the official code writes it)
+
+  V_th is trainable (init 0.3) and clamped to ≥ 5e-4 before every forward; τ = 1, Δt = 0.05; readout = the
+  weighted rate. The firing rule (fire at 0.3·V_th, subtract V_th) is intentional (hlop.md "Pitfalls").
+* ``"bptt"`` — the LIF neuron of HLOP's BPTT+SG variant (Table 1, PMNIST): v_t = (1 − 1/τ) v_{t−1} + I_t
+  (τ = 2), s_t = H(v_t − V_th) ∈ {0, 1} (V_th = 1), soft reset v_t ← v_t − s_t V_th through a detached s_t;
+  backward through time with the sigmoid surrogate ∂s/∂v = α σ(α(v − V_th))(1 − σ(α(v − V_th))), α = 4;
+  readout = the plain mean over time. OTTT (per-step losses and optimizer-free traces) is not built: it needs its
+  own loop (one backward per time step), which the engine's one-backward-per-batch loop does not provide.
+
+Input encoding is direct: the (normalised) sample is the input current source at every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clbench.models.base import Classifier
+
+__all__ = ["NEURONS", "BPTTNeuron", "DSRNeuron", "SpikingMLP", "SpikingNeuron", "make_neuron", "time_weights",
+           "weighted_rate"]
+
+NEURONS = ("dsr", "bptt")
+
+
+def time_weights(steps: int, dt: float, tau: float, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """DSR's weights w_t = exp(−(T − t)Δt/τ) for t = 1..T (the last step weighs 1)."""
+    t = torch.arange(1, steps + 1, device=device, dtype=torch.float64)
+    return torch.exp(-(steps - t) * dt / tau).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _normalised_weights(steps: int, dt: float, tau: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    w = time_weights(steps, dt, tau, device, torch.float64)
+    return (w / w.sum()).to(dtype)
+
+
+def weighted_rate(z: Tensor, dt: float, tau: float) -> Tensor:
+    """r(z) = Σ_t w_t z_t / Σ_t w_t over dim 1 of z (B, T, …): DSR's weighted firing rate."""
+    w = _normalised_weights(z.shape[1], dt, tau, z.device, z.dtype)
+    return (z * w.view(1, -1, *([1] * (z.dim() - 2)))).sum(dim=1)
+
+
+class _DSRFunction(torch.autograd.Function):
+    """The DSR LIF layer on currents I (B, T, n): spikes forward, the rate-coded gradient backward."""
+
+    @staticmethod
+    def forward(ctx: Any, current: Tensor, v_th: Tensor, tau: float, dt: float, fire_at: float) -> Tensor:
+        beta = math.exp(-dt / tau)
+        vth = v_th.to(current.dtype)
+        u = torch.zeros_like(current[:, 0])
+        spikes = []
+        for t in range(current.shape[1]):
+            u = beta * u + (1.0 - beta) * current[:, t]
+            s = (u >= fire_at * vth).to(current.dtype) * vth
+            u = u - s
+            spikes.append(s / dt)
+        # a copy of V_th: the next forward's in-place clamp must not invalidate this graph
+        ctx.save_for_backward(weighted_rate(current, dt, tau), v_th.detach().clone())
+        ctx.tau, ctx.dt, ctx.steps = tau, dt, current.shape[1]
+        return torch.stack(spikes, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_spikes: Tensor) -> tuple[Tensor | None, ...]:
+        rate_in, v_th = ctx.saved_tensors
+        tau, dt, steps = ctx.tau, ctx.dt, ctx.steps
+        grad_rate = weighted_rate(grad_spikes, dt, tau)  # r(∂L/∂s), (B, n)
+        bound = tau * v_th.to(rate_in.dtype) / dt
+        grad_current = grad_v_th = None
+        if ctx.needs_input_grad[0]:
+            inside = (rate_in > 0) & (rate_in < bound)
+            per_step = torch.where(inside, grad_rate / tau, torch.zeros_like(grad_rate))
+            grad_current = per_step.unsqueeze(1).expand(-1, steps, *per_step.shape[1:])
+        if ctx.needs_input_grad[1]:
+            above = rate_in > bound
+            grad_v_th = (dt * steps * torch.where(above, grad_rate, torch.zeros_like(grad_rate)).sum()).to(v_th.dtype)
+            grad_v_th = grad_v_th.reshape(v_th.shape)
+        return grad_current, grad_v_th, None, None, None
+
+
+class _SigmoidSpike(torch.autograd.Function):
+    """Heaviside step s = 1[x ≥ 0] with the sigmoid surrogate ∂s/∂x = α σ(αx)(1 − σ(αx))."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.alpha * x)
+        return grad * ctx.alpha * sig * (1.0 - sig), None
+
+
+class SpikingNeuron(nn.Module):
+    """A layer of spiking neurons: currents (B, T, n) → spikes (B, T, n); :meth:`rate` is its readout."""
+
+    def rate(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The firing rate over time (dim 1) of a sequence z (B, T, …) that this neuron type reads out."""
+        raise NotImplementedError
+
+
+class DSRNeuron(SpikingNeuron):
+    """DSR LIF neurons (see the module docstring), one threshold V_th shared by the layer.
+
+    Args:
+        tau: τ (code: 1). dt: Δt (0.05). v_th: initial V_th (0.3). fire_at: a, fire when u ≥ a·V_th (0.3).
+        v_th_min: lower bound of V_th, applied before every forward (5e-4). train_v_th: V_th is a parameter
+            (a 0-d ``v_th``; else a buffer).
+    """
+
+    def __init__(self, tau: float = 1.0, dt: float = 0.05, v_th: float = 0.3, fire_at: float = 0.3,
+                 v_th_min: float = 5e-4, train_v_th: bool = True) -> None:
+        super().__init__()
+        self.tau, self.dt, self.fire_at, self.v_th_min = tau, dt, fire_at, v_th_min
+        value = torch.tensor(float(v_th))
+        if train_v_th:
+            self.v_th = nn.Parameter(value)
+        else:
+            self.register_buffer("v_th", value)
+
+    def forward(self, current: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.v_th.clamp_(min=self.v_th_min)
+        return _DSRFunction.apply(current, self.v_th, self.tau, self.dt, self.fire_at)
+
+    def rate(self, z: Tensor) -> Tensor:
+        return weighted_rate(z, self.dt, self.tau)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, dt={self.dt}, fire_at={self.fire_at}, v_th_min={self.v_th_min}"
+
+
+class BPTTNeuron(SpikingNeuron):
+    """LIF neurons for BPTT with a sigmoid surrogate (see the module docstring).
+
+    Args:
+        tau: τ ≥ 1, the leak v ← (1 − 1/τ) v (code: 2). v_th: the fixed threshold (1). alpha: the surrogate's
+            steepness α (4).
+    """
+
+    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0) -> None:
+        super().__init__()
+        if tau < 1:
+            raise ValueError(f"BPTTNeuron: tau must be >= 1 (the leak is 1 - 1/tau), got {tau}")
+        self.tau, self.v_th, self.alpha = tau, v_th, alpha
+
+    def forward(self, current: Tensor) -> Tensor:
+        decay = 1.0 - 1.0 / self.tau
+        v = torch.zeros_like(current[:, 0])
+        spikes = []
+        for t in range(current.shape[1]):
+            v = decay * v + current[:, t]
+            s = _SigmoidSpike.apply(v - self.v_th, self.alpha)
+            v = v - s.detach() * self.v_th
+            spikes.append(s)
+        return torch.stack(spikes, dim=1)
+
+    def rate(self, z: Tensor) -> Tensor:
+        return z.mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, v_th={self.v_th}, alpha={self.alpha}"
+
+
+def make_neuron(kind: str, tau: float | None = None, v_th: float | None = None, dt: float = 0.05,
+                fire_at: float = 0.3, v_th_min: float = 5e-4, train_v_th: bool = True,
+                surrogate_alpha: float = 4.0) -> SpikingNeuron:
+    """A neuron layer of ``kind`` (:data:`NEURONS`); ``tau`` / ``v_th`` = ``None`` take the kind's paper value
+    (DSR τ = 1, V_th = 0.3; BPTT τ = 2, V_th = 1). ``dt``, ``fire_at``, ``v_th_min``, ``train_v_th`` concern DSR
+    only, ``surrogate_alpha`` BPTT only."""
+    if kind == "dsr":
+        return DSRNeuron(tau=1.0 if tau is None else tau, dt=dt, v_th=0.3 if v_th is None else v_th,
+                         fire_at=fire_at, v_th_min=v_th_min, train_v_th=train_v_th)
+    if kind == "bptt":
+        return BPTTNeuron(tau=2.0 if tau is None else tau, v_th=1.0 if v_th is None else v_th,
+                          alpha=surrogate_alpha)
+    raise ValueError(f"unknown neuron kind {kind!r}; valid: {list(NEURONS)}")
+
+
+class SpikingMLP(Classifier):
+    """HLOP's spiking MLP (PMNIST: 784-800-800-10, no biases): ``hidden.i`` Linear → ``neurons.i`` spiking, then
+    the head(s) on the readout rate of the last spikes.
+
+    Forward over T steps with direct encoding: ``hidden.0`` sees the flattened sample once (its current is the
+    same at every step, so it is computed once and repeated over time); every later ``hidden.i`` sees the
+    spikes (B, T, n) of every step; the head sees the rate r(s) (B, n) of the last layer's spikes (weighted for
+    DSR, a plain mean for BPTT): r(head(s)) = head(r(s)) since both are linear, so this *is* the readout
+    "last layer averaged over time", T times cheaper. :meth:`features` returns that rate.
+
+    Protected layers (as :class:`~clbench.models.mlp.MLP`): every ``hidden.i``, and the head when it is shared.
+    What each receives, and hence what :func:`~clbench.subspace.inputs.collect_layer_inputs` records, is the
+    presynaptic activity a projection must protect: its weight gradient is Σ_t δ_tᵀ x_t, whose rows lie in
+    span{x_t}, and an update orthogonal to span{x_t} of old samples leaves all their per-step currents, hence
+    their spike trains, unchanged: ``hidden.0`` the input (every step's), ``hidden.i`` the (B, T, n) spikes of
+    every step (R gets one column per sample and step), the head the rates, which alone determine the logits.
+    :meth:`rate` turns such an input into the rate HLOP's Hebbian rule learns from under DSR (hlop.md).
+
+    Args:
+        input_shape, classes_per_task, multi_head, n_classes, bias: as :class:`~clbench.models.mlp.MLP`.
+        hidden: widths of the spiking layers (at least one).
+        time_steps: T.
+        neuron: a factory of one layer of neurons (:func:`make_neuron`).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], hidden: list[int], classes_per_task: tuple[int, ...],
+                 multi_head: bool, n_classes: int, time_steps: int, neuron: Callable[[], SpikingNeuron],
+                 bias: bool = False) -> None:
+        if not hidden:
+            raise ValueError("SpikingMLP needs at least one hidden (spiking) layer")
+        if time_steps < 1:
+            raise ValueError(f"SpikingMLP: time_steps must be >= 1, got {time_steps}")
+        super().__init__(hidden[-1], classes_per_task, multi_head, n_classes, bias)
+        widths = [math.prod(input_shape), *hidden]
+        self.time_steps = time_steps
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in itertools.pairwise(widths))
+        self.neurons = nn.ModuleList(neuron() for _ in hidden)
+
+    def spikes(self, x: Tensor) -> Tensor:
+        """Spikes (B, T, n) of the last hidden layer for inputs x (B, …)."""
+        current = self.hidden[0](x.flatten(1))
+        s = self.neurons[0](current.unsqueeze(1).expand(-1, self.time_steps, -1))
+        for layer, neuron in zip(self.hidden[1:], self.neurons[1:], strict=True):
+            s = neuron(layer(s))
+        return s
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.neurons[-1].rate(self.spikes(x))
+
+    def rate(self, activity: Tensor) -> Tensor:
+        """The readout rate over time of a protected layer's input: (B, T, n) → (B, n) (weighted for DSR, a
+        mean for BPTT); an input that is already constant over time or a rate, (B, n), is returned as is."""
+        return activity if activity.dim() == 2 else self.neurons[0].rate(activity)
+
+    def protected_layers(self) -> dict[str, nn.Module]:
+        layers: dict[str, nn.Module] = {f"hidden.{i}": m for i, m in enumerate(self.hidden)}
+        if not self.multi_head:
+            layers["head"] = self.head
+        return layers
