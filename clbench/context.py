@@ -33,6 +33,7 @@ class Context:
         epoch: index of the current epoch within the experience.
         batch_size: the training batch size (projection strategies choose their form with it).
         eval_batch_size: the evaluation batch size (also of validation losses).
+        epochs: epochs per experience (for strategies that run their own loop).
     """
 
     model: Any
@@ -43,6 +44,7 @@ class Context:
     batch_size: int
     sources: Any
     eval_batch_size: int = 1000
+    epochs: int = 1
     experience: int = 0
     train_source: BatchSource | None = None
     valid_source: BatchSource | None = None

@@ -103,7 +103,8 @@ def run(cfg: RunConfig) -> RunResult:
     model.mark_forward_method("predict")
     sources = partial(batch_source, device=fabric.device, max_bytes=cfg.engine.cache_bytes)
     ctx = Context(model=model, module=module, fabric=fabric, stream=stream, seed=cfg.seed,
-                  batch_size=cfg.engine.batch_size, eval_batch_size=cfg.engine.eval_batch_size, sources=sources)
+                  batch_size=cfg.engine.batch_size, eval_batch_size=cfg.engine.eval_batch_size,
+                  epochs=cfg.engine.epochs, sources=sources)
     engine = Engine(cfg.engine, fabric)
     tests = [sources(e.dataset) for e in stream.benchmark.test_stream]
 

@@ -61,21 +61,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class AvalancheConfig(StrategyConfig):
-    """Keys shared by every Avalanche baseline.
-
-    Attributes:
-        epochs: epochs per experience of Avalanche's loop. Every yaml sets it to ``${engine.epochs}`` (the
-            strategy sees only its own config, and the loop must run as many epochs as the engine would);
-            null is refused at setup.
-    """
+    """Keys shared by every Avalanche baseline (Avalanche's loop runs the engine's epochs and batch size)."""
 
     name: str = "avalanche_naive"
-    epochs: int | None = None
-
-    def validate(self) -> None:
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"bad value for 'strategy.epochs': {self.epochs}; must be >= 1 (the yamls use "
-                              "${engine.epochs})")
 
 
 def _check(cond: bool, key: str, value: Any, valid: str) -> None:
@@ -377,7 +365,7 @@ class AvalancheStrategy(Strategy):
 
     Built at the first :meth:`train_experience` (lazily: resumed runs build it in their first experience too)
     around ``ctx.module`` on ``ctx.device``; each experience hands it that experience's fresh optimizer, the
-    engine's batch size and ``strategy.epochs``, and sets its clock's experience counter to ``ctx.experience``
+    engine's batch size and epochs, and sets its clock's experience counter to ``ctx.experience``
     (the plugins index their per-experience state by it). Subclasses say which Avalanche strategy to build
     (:meth:`make`) and how to export / import what its plugin accumulates (:meth:`export_state`,
     :meth:`import_state`), so that a run killed between experiences resumes to the same accuracy matrix.
@@ -422,9 +410,6 @@ class AvalancheStrategy(Strategy):
 
         from clbench.models.base import Classifier
 
-        if self.cfg.epochs is None:
-            raise ConfigError("bad value for 'strategy.epochs': null; give the epochs per experience (the yamls "
-                              "use ${engine.epochs})")
         if not isinstance(ctx.module, Classifier):
             raise ConfigError(f"model {type(ctx.module).__name__} is not a classifier (model.name); Avalanche's "
                               "baselines train with cross-entropy on a Classifier's logits")
@@ -439,7 +424,7 @@ class AvalancheStrategy(Strategy):
         reporting every epoch's mean loss through ``on_epoch_end``."""
         template = self._build(ctx)
         template.optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)
-        template.train_epochs = self.cfg.epochs
+        template.train_epochs = ctx.epochs
         template.train_mb_size = ctx.batch_size
         template.clock.train_exp_counter = ctx.experience
         self._epoch_end.ctx, self._epoch_end.callback = ctx, on_epoch_end
@@ -489,7 +474,7 @@ class AvalancheStrategy(Strategy):
             warnings.simplefilter("ignore", UserWarning)
             evaluator = EvaluationPlugin(loggers=[])
         common = {"model": self._adapter, "optimizer": getattr(ctx.optimizer, "optimizer", ctx.optimizer),
-                  "criterion": nn.CrossEntropyLoss(), "train_mb_size": ctx.batch_size, "train_epochs": self.cfg.epochs,
+                  "criterion": nn.CrossEntropyLoss(), "train_mb_size": ctx.batch_size, "train_epochs": ctx.epochs,
                   "eval_mb_size": ctx.batch_size, "device": ctx.device, "plugins": [self._epoch_end],
                   "evaluator": evaluator, "eval_every": -1}
         self._template = self.make(_TemplateModule(training), common, ctx)
