@@ -191,8 +191,9 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
             row.append("–" if p is None else f"{_fmt(p['acc'], p['acc_std'])} / {_fmt(p['bwt'], p['bwt_std'])}"
                        f" [{p['source']}]")
             if c["stand_in"]:
-                row.append("not run" if not e["n"] else
-                           f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})")
+                planned = (m.get("overrides") or {}).get(c["key"]) is not None
+                row.append(f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})" if e["n"] else
+                           "not run yet" if planned else "–")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Cells: ACC / BWT in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
     lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
@@ -258,11 +259,22 @@ def write_tables(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) ->
 # ------------------------------------------------------------------------------------------ figures
 
 
+def _grid(plt: Any, n: int, width: float, height: float, **kw: Any) -> tuple[Any, list[Any]]:
+    """A figure with ``n`` panels, at most 5 a row; unused panels are hidden."""
+    cols = min(5, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                             layout="constrained", **kw)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def _save(fig: Any, title: str, stem: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     path = Path(f"{stem}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -308,33 +320,34 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                         bases[method] = {k.split("/", 1)[1]: history(k) for k in dims}
             mats[method] = np.mean(stack, axis=0)
         T = next(iter(mats.values())).shape[0]
-        fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.6), squeeze=False)
-        for ax, method in zip(axes[0], methods, strict=True):
-            ax.imshow(mats[method], vmin=0, vmax=100, cmap="viridis")
+        fig, axes = _grid(plt, len(methods), 2.4, 2.5)
+        for ax, method in zip(axes, methods, strict=False):
+            im = ax.imshow(mats[method], vmin=0, vmax=100, cmap="viridis")
             ax.set_title(labels[method], fontsize=8)
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
             ax.tick_params(labelsize=6)
             ax.set_xlabel("test task j", fontsize=7)
-        axes[0][0].set_ylabel("after task i", fontsize=7)
+            ax.set_ylabel("after task i", fontsize=7)
+        fig.colorbar(im, ax=list(axes), shrink=0.6, label="accuracy (%)")
         prefix = figdir / f"{spec['name']}_{col['key']}"
         written.append(_save(fig, f"{col['title']} stand-in: mean R (%) over seeds", f"{prefix}_accuracy_matrices"))
 
-        fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.4), squeeze=False, sharey=True)
-        for ax, method in zip(axes[0], methods, strict=True):
+        fig, axes = _grid(plt, len(methods), 2.4, 2.2, sharey=True)
+        for ax, method in zip(axes, methods, strict=False):
             R = mats[method]
             for j in range(T):
                 ax.plot(range(j, T), R[j:, j], marker=".", lw=1, ms=3)
             ax.set_title(labels[method], fontsize=8)
             ax.set_xlabel("after task i", fontsize=7)
+            ax.set_ylabel("accuracy on task j (%)", fontsize=7)
             ax.tick_params(labelsize=6)
-        axes[0][0].set_ylabel("accuracy on task j (%)", fontsize=7)
         written.append(_save(fig, f"{col['title']} stand-in: accuracy of each task as training goes on",
                              f"{prefix}_task_curves"))
 
         if bases:
-            fig, axes = plt.subplots(1, len(bases), figsize=(3.2 * len(bases), 2.6), squeeze=False)
-            for ax, (method, layers) in zip(axes[0], bases.items(), strict=True):
+            fig, axes = _grid(plt, len(bases), 3.2, 2.6)
+            for ax, (method, layers) in zip(axes, bases.items(), strict=True):
                 for layer, hist in layers.items():
                     steps = sorted(hist)
                     ax.plot(steps, [hist[s] for s in steps], marker=".", label=layer)
@@ -342,7 +355,7 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                 ax.set_xlabel("after task i", fontsize=7)
                 ax.tick_params(labelsize=6)
                 ax.legend(fontsize=5)
-            axes[0][0].set_ylabel("basis columns", fontsize=7)
+                ax.set_ylabel("basis columns", fontsize=7)
             written.append(_save(fig, f"{col['title']} stand-in: memory size per layer", f"{prefix}_basis_size"))
     return written
 
