@@ -86,6 +86,14 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+def finish(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
+    """Add the run's repeats and torch threads to ``payload``, write it to ``--json`` if given, return it."""
+    payload = payload | {"repeats": args.repeats, "threads": torch.get_num_threads()}
+    if args.json is not None:
+        write_json(args.json, payload)
+    return payload
+
+
 def timeit_rounds(
     fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
 ) -> dict[str, list[float]]:

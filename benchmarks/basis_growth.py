@@ -36,7 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from benchmarks._common import parse_args, synchronize, timeit, write_json
+from benchmarks._common import finish, parse_args, synchronize, timeit
 from clbench.subspace import extend_basis, threshold_basis
 
 LAYERS: dict[str, tuple[int, int]] = {
@@ -213,12 +213,8 @@ def main() -> dict[str, Any]:
         "threshold": THRESHOLD,
         "memory_method": peak.method,
         "device": str(device),
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
     }
-    if args.json is not None:
-        write_json(args.json, payload)
-    return payload
+    return finish(args, payload)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from benchmarks._common import paired_ratio, parse_args, timeit_rounds, write_json
+from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
 from clbench.models.alexnet import AlexNet
 from clbench.models.base import ContinualModel
 from clbench.models.mlp import MLP
@@ -350,12 +350,8 @@ def main() -> dict[str, Any]:
         "fabric_overhead_us_per_step": overheads,
         "targets_met": met,
         "samples": n,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
     }
-    if args.json is not None:
-        write_json(args.json, payload)
-    return payload
+    return finish(args, payload)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from benchmarks._common import paired_ratio, parse_args, timeit_rounds, write_json
+from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
 from clbench.config import BenchmarkConfig, ModelConfig
 from clbench.models import build_model
 from clbench.models.base import ContinualModel
@@ -247,12 +247,8 @@ def main() -> dict[str, Any]:
         "bases": "random" if args.random_bases else "gpm",
         "target_met": met,
         "steps": args.steps,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
     }
-    if args.json is not None:
-        write_json(args.json, payload)
-    return payload
+    return finish(args, payload)
 
 
 if __name__ == "__main__":
