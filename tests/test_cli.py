@@ -54,6 +54,10 @@ def test_mlflow_run_has_params_metrics_artifacts(sweep):
     assert len(client.get_metric_history(run_id, "loss")) == 5 * 2  # per epoch, never per step
     dims = [h.value for h in client.get_metric_history(run_id, "basis_dim/hidden.0")]
     assert dims == sorted(dims) and dims[0] > 0  # the memory only grows
+    angles = client.get_metric_history(run_id, "angle_mean/hidden.0")  # from the second task on
+    smallest = client.get_metric_history(run_id, "angle_min/hidden.0")
+    assert sorted(h.step for h in angles) == [1, 2, 3, 4]
+    assert all(0.0 <= lo.value <= mean.value <= 90.0 for lo, mean in zip(smallest, angles, strict=True))
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml"} <= arts
 
