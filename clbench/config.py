@@ -55,14 +55,19 @@ class ModelConfig:
     """A network from :mod:`clbench.models`.
 
     Attributes:
-        name: registered model name (``mlp``, ``alexnet``, ``resnet18``).
+        name: registered model name (``mlp``, ``alexnet``, ``resnet18``, ``snn_mlp``, ``snn_cnn``,
+            ``snn_resnet18``).
         hidden: widths of the hidden layers of the MLP (GPM's PMNIST net: [100, 100]).
         bias: whether the layers have biases (GPM's nets have none).
         head: ``auto`` (one head per task when the stream is task-incremental, else one shared head),
             ``single`` or ``multi``.
         dropout: dropout after each hidden activation of the MLP (0: none); the conv nets use their papers'.
         width: base width of the reduced ResNet-18 (nf; GPM uses 20).
-        stem_stride: stride of the ResNet's first conv (1 for 32×32 inputs, 2 for miniImageNet's 84×84).
+        stem_stride: stride of the ResNet's first conv (1 for 32×32 inputs, 2 for miniImageNet's 84×84; the
+            spiking ResNet's stem is then 5×5 instead of 3×3).
+        channels: the spiking CNN's conv widths (HLOP: [64, 128, 256]).
+        bn_running_stats: spiking conv nets: BatchNorm keeps running statistics for eval mode (HLOP's code);
+            false: batch statistics always (GPM's convention, that of alexnet/resnet18).
         time_steps: spiking nets: T, the simulated time steps per sample (HLOP: 20 under DSR, 6 under BPTT).
         neuron: spiking nets: ``dsr`` (LIF trained by DSR, HLOP's main results) or ``bptt`` (LIF, BPTT with a
             sigmoid surrogate); see :mod:`clbench.models.snn`.
@@ -82,6 +87,8 @@ class ModelConfig:
     dropout: float = 0.0
     width: int = 20
     stem_stride: int = 1
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    bn_running_stats: bool = False
     time_steps: int = 20
     neuron: str = "dsr"
     tau: float | None = None
@@ -114,12 +121,14 @@ class EngineConfig:
         cache_bytes: experiences up to this size are cached as tensors on the device; larger ones stream
             through a DataLoader.
         checkpoint_every_epoch: checkpoint at every epoch end (always at every experience end).
-        schedule: ``constant`` learning rate, or ``plateau``: the patience rule of GPM's code (HAT's) on the
-            validation loss, with early stopping and best-weights restore (:mod:`clbench.schedule`); needs
-            ``benchmark.validation_fraction > 0``.
+        schedule: ``constant`` learning rate; ``plateau``: the patience rule of GPM's code (HAT's) on the
+            validation loss, with early stopping and best-weights restore (:mod:`clbench.schedule`), needs
+            ``benchmark.validation_fraction > 0``; ``cosine``: HLOP's warm-up + cosine rule per epoch.
         lr_min: ``plateau``: stop the experience once the learning rate falls below this.
         patience: ``plateau``: epochs without a better validation loss before the learning rate is divided.
         lr_factor: ``plateau``: the divisor of the learning rate.
+        warmup_epochs: ``cosine``: W, epochs of linear warm-up (HLOP's code: 5 on CIFAR-100, else 0).
+        t_max: ``cosine``: T_max in epochs; null = ``epochs``.
     """
 
     epochs: int = 5
@@ -140,6 +149,8 @@ class EngineConfig:
     lr_min: float = 1e-5
     patience: int = 6
     lr_factor: float = 2.0
+    warmup_epochs: int = 0
+    t_max: int | None = None
 
 
 @dataclass
@@ -199,7 +210,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "engine.progress": ("auto", "bar", "none"),
     "engine.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
     "engine.precision": ("32-true", "32", "bf16-mixed", "16-mixed"),
-    "engine.schedule": ("constant", "plateau"),
+    "engine.schedule": ("constant", "plateau", "cosine"),
 }
 
 
@@ -292,6 +303,8 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(m.v_th_min >= 0, "model.v_th_min", f"{m.v_th_min}; must be >= 0")
     _check(m.surrogate_alpha > 0, "model.surrogate_alpha", f"{m.surrogate_alpha}; must be > 0")
     _check(m.name != "snn_mlp" or len(m.hidden) >= 1, "model.hidden", "snn_mlp needs at least one hidden layer")
+    _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
+           f"{m.channels}; needs at least one width, each >= 1")
     _check(e.epochs >= 1, "engine.epochs", f"{e.epochs}; must be >= 1")
     _check(e.batch_size >= 1, "engine.batch_size", f"{e.batch_size}; must be >= 1")
     _check(e.eval_batch_size >= 1, "engine.eval_batch_size", f"{e.eval_batch_size}; must be >= 1")
@@ -306,6 +319,9 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     _check(e.lr_min >= 0, "engine.lr_min", f"{e.lr_min}; must be >= 0")
     _check(e.patience >= 1, "engine.patience", f"{e.patience}; must be >= 1")
     _check(e.lr_factor > 1, "engine.lr_factor", f"{e.lr_factor}; must be > 1")
+    t_max = e.epochs if e.t_max is None else e.t_max
+    _check(0 <= e.warmup_epochs < t_max, "engine.warmup_epochs",
+           f"{e.warmup_epochs}; must be >= 0 and below engine.t_max (or engine.epochs when t_max is null): {t_max}")
     _check(e.schedule != "plateau" or b.validation_fraction > 0, "engine.schedule",
            "'plateau' watches the validation loss; set benchmark.validation_fraction > 0 (GPM's code: 0.05)")
     run.strategy.validate()

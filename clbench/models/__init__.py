@@ -10,6 +10,7 @@ from clbench.models.base import Classifier, ContinualModel
 from clbench.models.mlp import MLP
 from clbench.models.resnet import ResNet18
 from clbench.models.snn import SpikingMLP, SpikingNeuron, make_neuron
+from clbench.models.snn_conv import SpikingCNN, SpikingResNet18
 
 if TYPE_CHECKING:
     from clbench.config import ModelConfig
@@ -48,17 +49,44 @@ def _resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> Continual
         raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
 
 
-def _snn_mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+def _neuron_factory(cfg: ModelConfig) -> Callable[[], SpikingNeuron]:
+    """A factory of one layer of ``cfg.neuron`` neurons with the config's parameters."""
+
     def neuron() -> SpikingNeuron:
         return make_neuron(cfg.neuron, tau=cfg.tau, v_th=cfg.v_th, dt=cfg.dt, fire_at=cfg.fire_at,
                            v_th_min=cfg.v_th_min, train_v_th=cfg.train_v_th, surrogate_alpha=cfg.surrogate_alpha)
 
+    return neuron
+
+
+def _snn_mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
     return SpikingMLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head, spec.n_classes,
-                      time_steps=cfg.time_steps, neuron=neuron, bias=cfg.bias)
+                      time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), bias=cfg.bias)
+
+
+def _snn_cnn(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+    shape = _image_shape(cfg, spec)
+    try:
+        return SpikingCNN(shape, spec.classes_per_task, multi_head, spec.n_classes, time_steps=cfg.time_steps,
+                          neuron=_neuron_factory(cfg), channels=list(cfg.channels), bias=cfg.bias,
+                          bn_running_stats=cfg.bn_running_stats)
+    except ValueError as e:
+        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+
+
+def _snn_resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
+    shape = _image_shape(cfg, spec)
+    try:
+        return SpikingResNet18(shape, spec.classes_per_task, multi_head, spec.n_classes,
+                               time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), nf=cfg.width,
+                               stem_stride=cfg.stem_stride, bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
+    except ValueError as e:
+        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
 
 
 MODELS: dict[str, Callable[[ModelConfig, StreamSpec, bool], ContinualModel]] = {
-    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18, "snn_mlp": _snn_mlp}
+    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18, "snn_mlp": _snn_mlp, "snn_cnn": _snn_cnn,
+    "snn_resnet18": _snn_resnet18}
 
 
 def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
@@ -69,4 +97,5 @@ def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
     return MODELS[cfg.name](cfg, spec, multi)
 
 
-__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "SpikingMLP", "build_model"]
+__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "SpikingCNN", "SpikingMLP",
+           "SpikingResNet18", "build_model"]

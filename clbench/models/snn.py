@@ -34,15 +34,15 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from clbench.models.base import Classifier
 
-__all__ = ["NEURONS", "BPTTNeuron", "DSRNeuron", "SpikingMLP", "SpikingNeuron", "make_neuron", "time_weights",
-           "weighted_rate"]
+__all__ = ["NEURONS", "BPTTNeuron", "DSRNeuron", "SpikingClassifier", "SpikingMLP", "SpikingNeuron", "make_neuron",
+           "time_weights", "weighted_rate"]
 
 NEURONS = ("dsr", "bptt")
 
@@ -205,7 +205,29 @@ def make_neuron(kind: str, tau: float | None = None, v_th: float | None = None, 
     raise ValueError(f"unknown neuron kind {kind!r}; valid: {list(NEURONS)}")
 
 
-class SpikingMLP(Classifier):
+class SpikingClassifier(Classifier):
+    """A classifier of spiking neurons: what the spiking nets share, the readout :meth:`rate` of layer inputs.
+
+    A protected layer's input carries time at dim 1 when its rank is :attr:`timed_rank` ((B, T, n) for the MLP,
+    (B, T, C, H, W) for the conv nets); any other input (the first layer's, constant over time and computed
+    once, or a head's input, which is already a rate) has no time dim.
+    """
+
+    timed_rank: ClassVar[int] = 3
+    """Rank of a layer input (B, T, …) that carries time at dim 1."""
+
+    def readout_neuron(self) -> SpikingNeuron:  # pragma: no cover - abstract
+        """One of the network's neuron layers (all are of one kind): its ``rate`` is the network's readout."""
+        raise NotImplementedError
+
+    def rate(self, activity: Tensor) -> Tensor:
+        """The readout rate over time of a protected layer's input: (B, T, …) of rank :attr:`timed_rank` →
+        (B, …) (weighted for DSR, a mean for BPTT); an input of any other rank (constant over time, or already
+        a rate) is returned as is. HLOP's Hebbian rule learns from this rate under DSR (hlop.md)."""
+        return self.readout_neuron().rate(activity) if activity.dim() == self.timed_rank else activity
+
+
+class SpikingMLP(SpikingClassifier):
     """HLOP's spiking MLP (PMNIST: 784-800-800-10, no biases): ``hidden.i`` Linear → ``neurons.i`` spiking, then
     the head(s) on the readout rate of the last spikes.
 
@@ -254,10 +276,10 @@ class SpikingMLP(Classifier):
     def features(self, x: Tensor) -> Tensor:
         return self.neurons[-1].rate(self.spikes(x))
 
-    def rate(self, activity: Tensor) -> Tensor:
-        """The readout rate over time of a protected layer's input: (B, T, n) → (B, n) (weighted for DSR, a
-        mean for BPTT); an input that is already constant over time or a rate, (B, n), is returned as is."""
-        return activity if activity.dim() == 2 else self.neurons[0].rate(activity)
+    def readout_neuron(self) -> SpikingNeuron:
+        neuron = self.neurons[0]
+        assert isinstance(neuron, SpikingNeuron)
+        return neuron
 
     def protected_layers(self) -> dict[str, nn.Module]:
         layers: dict[str, nn.Module] = {f"hidden.{i}": m for i, m in enumerate(self.hidden)}

@@ -10,6 +10,10 @@ patches. The *representation matrix* R (d × N) collects those vectors as column
 * ``nn.Conv2d``: R = [patches of sample 1 | … | patches of sample n], d = C_in·kh·kw, N = n·L with L the
   number of output positions; the row order is (C_in, kh, kw), i.e. that of ``weight.view(out, -1)``.
 
+Spiking nets (:mod:`clbench.models.snn`, :mod:`clbench.models.snn_conv`) feed their layers activity with time at
+dim 1, (n, T, d) or (n, T, C, H, W): every time step of every sample is one more input, so R gets n·T columns
+(n·T·L for a convolution), sample-major, while dim 0 still counts samples.
+
 This module knows nothing about strategies: it turns tensors into matrices and collects them with hooks.
 """
 
@@ -37,13 +41,17 @@ def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[i
 def layer_input_matrix(module: nn.Module, x: Tensor) -> Tensor:
     """Return the representation matrix R (d × N) of ``module``'s input ``x`` (GPM Eqs. 3-4).
 
-    * ``nn.Linear``: ``x`` of shape (n, d) — or (…, d), leading dims flattened — gives ``R = xᵀ`` (d × n).
+    * ``nn.Linear``: ``x`` of shape (n, d) — or (…, d), leading dims flattened — gives ``R = xᵀ`` (d × n);
+      a spiking layer's (n, T, d) gives d × n·T, column n'·T + t for sample n', step t.
     * ``nn.Conv2d``: ``x`` of shape (n, C, H, W) is unfolded with the module's own kernel size, dilation,
       padding and stride, ``F.unfold(x) : (n, C·kh·kw, L)``, and the samples are concatenated along columns:
       ``R : (C·kh·kw, n·L)``. The rows follow ``weight.view(out, -1)``, so
       ``conv2d(x, W) == (W.view(out, -1) @ R).view(out, n, L).transpose(0, 1)`` reshaped to (n, out, H', W').
       ``padding="same"``/``"valid"`` are supported; padding modes other than ``"zeros"`` and grouped
       convolutions raise ``NotImplementedError``.
+    * ``nn.Conv2d`` on a spiking net's (n, T, C, H, W) (a time-distributed convolution): the time steps are
+      flattened into samples, (n·T, C, H, W), before unfolding, so ``R : (C·kh·kw, n·T·L)``, column
+      (n'·T + t)·L + l for sample n', step t, output position l.
 
     The result is detached and keeps ``x``'s dtype and device.
 
@@ -65,6 +73,8 @@ def layer_input_matrix(module: nn.Module, x: Tensor) -> Tensor:
             )
         if x.dim() == 3:  # unbatched (C, H, W)
             x = x.unsqueeze(0)
+        elif x.dim() == 5:  # (n, T, C, H, W): every time step is one more input
+            x = x.flatten(0, 1)
         padding: tuple[int, ...] | int
         if isinstance(module.padding, str):
             if module.padding == "same":
@@ -86,6 +96,7 @@ def collect_layer_inputs(
     layers: Mapping[str, nn.Module],
     run: Callable[[], Any],
     samples: Mapping[str, int] | None = None,
+    transform: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Collect the representation matrix R of every layer in ``layers`` during ``run()`` (GPM §4, step 2).
 
@@ -96,7 +107,11 @@ def collect_layer_inputs(
     ``samples[name]`` (GPM's per-layer n_s; e.g. CIFAR AlexNet uses 24/100/100/125/125 of 125 samples) keeps
     only the first ``samples[name]`` samples (rows of dim 0 of the input) that the layer sees during
     ``run()``, counted over all its calls. When a layer is called more than once, the columns of the calls
-    are concatenated in call order.
+    are concatenated in call order. A spiking layer's input (n, T, …) counts n samples, and keeps all T steps
+    of each (n·T columns, n·T·L for a convolution).
+
+    ``transform(module, x)``, if given, maps each recorded input before it becomes R (e.g. HLOP's firing rate
+    over time of a spiking layer's input); the sample limit applies to the untransformed input.
 
     Returns:
         ``{name: R}`` with R of shape (d, N), in the dtype/device of the layer's input.
@@ -131,7 +146,7 @@ def collect_layer_inputs(
                 x = x[:left]
             seen[name] += x.shape[0]
             with torch.no_grad():
-                chunks[name].append(layer_input_matrix(module, x))
+                chunks[name].append(layer_input_matrix(module, x if transform is None else transform(module, x)))
 
         return hook
 
