@@ -57,7 +57,9 @@ class Engine:
     def schedule(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Schedule:
         """The learning-rate schedule of an experience trained with ``optimizer``."""
         inner = getattr(optimizer, "optimizer", optimizer)
-        return Schedule(self.cfg.schedule, inner, module, self.cfg.lr_min, self.cfg.patience, self.cfg.lr_factor)
+        cfg = self.cfg
+        return Schedule(cfg.schedule, inner, module, cfg.lr_min, cfg.patience, cfg.lr_factor, warmup=cfg.warmup_epochs,
+                        t_max=cfg.epochs if cfg.t_max is None else cfg.t_max)
 
     def fit(self, ctx: Context, strategy: Strategy, start_epoch: int, on_epoch_end: EpochCallback) -> None:
         """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs`` (or until

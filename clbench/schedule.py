@@ -9,7 +9,15 @@ the validation loss v:
     v < best:           best ← v, keep a copy of the trained state, wait ← patience
     otherwise:          wait ← wait − 1; at 0: lr ← lr / factor; stop if lr < lr_min, else wait ← patience
 
-At the end of the experience the best copy is restored, so the strategy's ``after_experience`` (GPM: the
+``cosine``: the warm-up + cosine rule of HLOP's official code (hlop.md "Hyper-parameters"): the lr of epoch e
+(0-based) is lr₀·f(e) with W = ``warmup`` epochs and T_max:
+
+    f(e) = (e + 1)/W                                  for e < W
+    f(e) = ½ (1 + cos(π (e − W)/(T_max − W)))         otherwise
+
+(the code's ``LambdaLR``; W = 5, T_max = 200 on CIFAR-100, W = 0, T_max = 100 on miniImageNet / 5-Datasets).
+
+At the end of a ``plateau`` experience the best copy is restored, so the strategy's ``after_experience`` (GPM: the
 representations) sees the best-validation weights. The "trained state" is the module's state dict plus every
 tensor the optimizer trains outside the module (e.g. ROGO's mixing matrices).
 
@@ -25,7 +33,7 @@ from typing import Any
 
 import torch
 
-SCHEDULES = ("constant", "plateau")
+SCHEDULES = ("constant", "plateau", "cosine")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Schedule:
     """The learning-rate state of one experience (see the module docstring)."""
 
     def __init__(self, kind: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module, lr_min: float,
-                 patience: int, factor: float) -> None:
+                 patience: int, factor: float, warmup: int = 0, t_max: int = 1) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"engine.schedule={kind!r} is invalid; valid: {list(SCHEDULES)}")
         self.kind = kind
@@ -67,6 +75,17 @@ class Schedule:
         self.wait = patience
         self.stopped = False
         self.best: dict[str, Any] | None = None
+        self.warmup, self.t_max = warmup, t_max
+        if kind == "cosine":
+            if not 0 <= warmup < t_max:
+                raise ValueError(f"the cosine schedule needs 0 <= warmup < t_max, got {warmup}, {t_max}")
+            self.set_lr(self.initial_lr * self.factor_at(0))
+
+    def factor_at(self, epoch: int) -> float:
+        """f(e) of the cosine rule (module docstring)."""
+        if epoch < self.warmup:
+            return (epoch + 1) / self.warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - self.warmup) / (self.t_max - self.warmup)))
 
     def _extra(self) -> list[torch.Tensor]:
         """Trained tensors that live outside the module, in optimizer order."""
@@ -98,6 +117,8 @@ class Schedule:
                     else:
                         self.wait = self.patience
                         self.set_lr(self.lr)
+        elif self.kind == "cosine":
+            self.set_lr(self.initial_lr * self.factor_at(epoch + 1))
         return EpochReport(epoch, loss, valid_loss, improved, decayed, self.stopped, self.lr)
 
     @torch.no_grad()

@@ -84,3 +84,19 @@ def test_plateau_run_stops_early_and_logs_lr_and_validation_loss(tmp_path):
     values = [m.value for m in lrs]
     assert set(values) == {0.05, 0.025} and values.count(0.025) == 2  # the decay that stops each experience
     assert result.scores["acc"] > 50
+
+
+def test_cosine_schedule_follows_the_hlop_code_lambda():
+    """HLOP's LambdaLR: (e + 1)/W during W warm-up epochs, then ½(1 + cos(π (e − W)/(T_max − W)))."""
+    import math
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    s = Schedule("cosine", opt, torch.nn.Linear(1, 1), 0.0, 1, 2.0, warmup=2, t_max=6)
+    seen = [opt.param_groups[0]["lr"]]
+    for epoch in range(6):
+        seen.append(s.step(epoch, 1.0, None).lr)
+    expected = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]  # epochs 0..6
+    assert expected[-1] == pytest.approx(0.0, abs=1e-12)
+    assert seen == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
