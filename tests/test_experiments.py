@@ -18,7 +18,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 
 def test_every_paper_experiment_is_there():
-    assert sorted(f"{m}_{b}" for m in ("gpm", "rogo")
+    assert sorted(f"{m}_{b}" for m in ("gpm", "rogo", "hlop")
                                  for b in ("pmnist", "cifar100", "5datasets", "miniimagenet")) == EXPERIMENTS
 
 
@@ -27,7 +27,10 @@ def test_experiment_fails_fast_without_its_data(name, tmp_path):
     cfg = run_config(tmp_path, f"experiment={name}", f"benchmark.data_root={tmp_path}/data")
     method, _, bench = name.partition("_")
     assert cfg.strategy.name == method
-    assert cfg.model.name == {"pmnist": "mlp", "cifar100": "alexnet"}.get(bench, "resnet18")
+    nets = {"pmnist": "mlp", "cifar100": "alexnet"}
+    if method == "hlop":
+        nets = {"pmnist": "snn_mlp", "cifar100": "snn_cnn"}
+    assert cfg.model.name == nets.get(bench, "resnet18" if method != "hlop" else "snn_resnet18")
     start = time.time()
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "data")):
         run(cfg)
@@ -57,3 +60,26 @@ def test_cli_names_the_missing_data_and_exits_2(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert str(tmp_path / "data") in out.stdout + out.stderr
     assert "download" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(("bench", "shape", "tasks"), [
+    ("pmnist", (784,), 10), ("cifar100", (3, 32, 32), 10), ("miniimagenet", (3, 84, 84), 20),
+    ("5datasets", (3, 32, 32), 5)])
+def test_hlop_row_counts_fit_the_networks_protected_layers(bench, shape, tasks, tmp_path):
+    """hlop.md "Hyper-parameters": one count per protected layer (ResNet: 20 convs in the code's order) for
+    every task, and the first task's counts as the code's."""
+    from clbench.models import build_model
+    from clbench.streams import StreamSpec
+
+    cfg = run_config(tmp_path, f"experiment=hlop_{bench}")
+    multi = bench != "pmnist"
+    spec = StreamSpec(bench, tasks, shape, (10,) * tasks, 10 * tasks if multi else 10, multi)
+    layers = build_model(cfg.model, spec).protected_layers()
+    for t in range(tasks):
+        assert len(cfg.strategy.rows[min(t, len(cfg.strategy.rows) - 1)]) in (1, len(layers)), (bench, t)
+    first = {"pmnist": [80, 200, 100], "cifar100": [6, 100, 200]}.get(bench)
+    if first:
+        assert cfg.strategy.rows[0] == first
+    if bench == "miniimagenet":
+        assert cfg.model.stem_stride == 2 and cfg.benchmark.stream_seed == 2022 and len(cfg.strategy.rows) == 7
+        assert cfg.strategy.rows[-1] == [0, 2, 2, 2, 2, 2, 4, 0, 4, 4, 4, 8, 0, 8, 8, 8, 16, 0, 16, 16]
