@@ -180,16 +180,19 @@ class HebbianSubspace:
         if x.shape[-1] != self.dim:
             raise ValueError(f"HebbianSubspace.step: activity has d={x.shape[-1]}, the learner d={self.dim}")
         X = x.detach().reshape(-1, self.dim).to(device=self.weight.device, dtype=self.weight.dtype)
-        H = self.weight.clone()
         k0, M, mu = self.n_old, self._buffer, self.momentum
+        H_new = self.weight[k0:].clone()
+        # The old rows are frozen, so their part of X − YH is the same in every iteration: X − Y_old H_old is
+        # formed once, and each iteration costs 3·B·d·m for the m new rows instead of 3·B·d·(k_old + m).
+        residual = X if k0 == 0 else X - (X @ self.old.T) @ self.old
         for _ in range(self.iterations):
-            Y = X @ H.T
-            delta = Y[:, k0:].T @ (X - Y @ H) / X.shape[0]
+            Y = X @ H_new.T
+            delta = Y.T @ (residual - Y @ H_new) / X.shape[0]
             if self.clip is not None:
                 delta.clamp_(-self.clip, self.clip)
             M = mu * M + (1.0 - mu) * delta
-            H[k0:] += self.lr * M
-        self.weight, self._buffer = H, M
+            H_new += self.lr * M
+        self.weight, self._buffer = torch.cat([self.weight[:k0], H_new]), M
 
     @torch.no_grad()
     def fit(self, R: Tensor, batch_size: int = 64, epochs: int = 1, generator: torch.Generator | None = None) -> None:
