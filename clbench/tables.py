@@ -14,7 +14,8 @@ setting never lands in a cell.
    ``--runs FILE`` starts from a committed CSV instead (step 2 only).
 
 Figures (step 1 only, from MLflow): per column, the mean accuracy matrices side by side per method, the
-per-task accuracy curves, and the memory size per layer across tasks (``basis_dim/<layer>``).
+per-task accuracy curves, and the memory size per layer across tasks (``basis_dim/<layer>``, HLOP's
+``hlop_rows/<layer>``).
 """
 
 from __future__ import annotations
@@ -315,7 +316,8 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                         R[i, j] = v
                 stack.append(R)
                 if r["seed"] == min(x["seed"] for x in mine if x["method"] == method):
-                    dims = [k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("basis_dim/")]
+                    dims = [k for k in client.get_run(r["run_id"]).data.metrics
+                            if k.startswith(("basis_dim/", "hlop_rows/"))]  # GPM's memory, HLOP's rows
                     if dims:
                         bases[method] = {k.split("/", 1)[1]: history(k) for k in dims}
             mats[method] = np.mean(stack, axis=0)

@@ -55,7 +55,15 @@ from torch import Tensor, nn
 
 from clbench.config import ConfigError, StrategyConfig
 from clbench.models.snn import DSRNeuron, SpikingNeuron
-from clbench.subspace import HebbianSubspace, collect_layer_inputs, layer_input_matrix, principal_angles, top_singular
+from clbench.subspace import (
+    HebbianSubspace,
+    LayerProjector,
+    collect_layer_inputs,
+    layer_input_matrix,
+    principal_angles,
+    top_singular,
+)
+from clbench.subspace.projection import FORMS
 from strategies import register
 from strategies.base import Strategy
 from strategies.gpm import per_layer
@@ -87,6 +95,8 @@ class HLOPConfig(StrategyConfig):
         activity: what the rule learns from: ``rate`` (weighted rate over time, DSR), ``steps`` (every time
             step's input, BPTT) or ``auto`` (``rate`` for DSR neurons, ``steps`` otherwise).
         samples: training samples forwarded at each task end for the ``svd`` rows and the angle diagnostics.
+        projection: how G (I − H_oldᵀ H_old) is formed: ``gradient`` (after backward), ``input`` (Linear layers:
+            from projected inputs) or ``auto`` (the cheaper per layer; see :class:`~clbench.subspace.LayerProjector`).
         diagnose_angles: compute the principal angles to the SVD subspace after each task (one extra forward
             pass over ``samples`` samples and an SVD per layer).
         freeze_bn, freeze_thresholds, freeze_1d: after the first task, as the code (module docstring).
@@ -103,6 +113,7 @@ class HLOPConfig(StrategyConfig):
     subspace_method: str = "hebbian"
     activity: str = "auto"
     samples: int = 300
+    projection: str = "auto"
     diagnose_angles: bool = True
     freeze_bn: bool = True
     freeze_thresholds: bool = True
@@ -123,7 +134,7 @@ class HLOPConfig(StrategyConfig):
                               f"{self.iterations}, {self.clip}")
         if self.samples < 1:
             raise ConfigError(f"bad value for 'strategy.samples': {self.samples}; must be >= 1")
-        for key, valid in (("subspace_method", METHODS), ("activity", ACTIVITIES)):
+        for key, valid in (("subspace_method", METHODS), ("activity", ACTIVITIES), ("projection", FORMS)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"bad value for 'strategy.{key}': '{getattr(self, key)}'; valid: {list(valid)}")
 
@@ -141,6 +152,7 @@ class HLOP(Strategy):
         self._lrs: dict[str, float] = {}  # configured η per layer
         self._lr_scale: dict[str, float] = {}  # E‖x‖² per layer (lr_normalize)
         self._handles: list[Any] = []
+        self._projectors: list[LayerProjector] = []
         self._diagnostics: dict[str, float] = {}
         self._use_rate = False
 
@@ -187,6 +199,13 @@ class HLOP(Strategy):
     def attach(self, ctx: Context) -> None:
         module = ctx.module
         layers = module.protected_layers()
+        rows = self._rows_per_sample(ctx) if any(learner.n_old for learner in self.learners.values()) else {}
+        self._projectors = [
+            LayerProjector(layers[name], learner.old.T, form=self.cfg.projection,
+                           batch_size=ctx.batch_size * rows[name], orthonormal=False)
+            for name, learner in self.learners.items() if learner.n_old]
+        for p in self._projectors:
+            p.attach()
         if self.cfg.subspace_method == "hebbian":
             for name, learner in self.learners.items():
                 if learner.rows > learner.n_old:
@@ -212,14 +231,38 @@ class HLOP(Strategy):
 
         return hook
 
+    def _rows_per_sample(self, ctx: Context) -> dict[str, int]:
+        """Rows of activity each protected layer receives per sample (T for a time-distributed Linear input, 1
+        for one constant over time), from one no-grad forward of one training sample: the cost model of the
+        projection's form (the input form costs ∝ rows per step)."""
+        assert ctx.train_source is not None
+        module = ctx.module
+        layers = module.protected_layers()
+        rows: dict[str, int] = {}
+        x, _, t = ctx.train_source.take(1, ctx.generator(_SAMPLE_KEY))
+
+        def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+                rows[name] = max(1, args[0].numel() // (args[0].shape[0] * layer.weight[0].numel()))
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                module(x, t)
+        finally:
+            module.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return rows
+
     def project(self, ctx: Context) -> None:
-        """G ← G (I − H_oldᵀ H_old) for every protected weight with old rows (hlop.md step 4a)."""
-        layers = ctx.module.protected_layers()
-        for name, learner in self.learners.items():
-            grad = layers[name].weight.grad
-            if learner.n_old and grad is not None:
-                g2 = grad.view(grad.shape[0], -1)
-                g2.copy_(learner.project(g2))
+        """G ← G (I − H_oldᵀ H_old) for every protected weight with old rows (hlop.md step 4a), in the gradient
+        form or, for a Linear layer where it is cheaper, from projected inputs (``projection``)."""
+        for p in self._projectors:
+            p.project_()
 
     def parameters_to_train(self, ctx: Context) -> Iterator[nn.Parameter]:
         frozen: set[int] = set()
@@ -237,7 +280,9 @@ class HLOP(Strategy):
     def detach(self, ctx: Context) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for p in self._projectors:
+            p.detach()
+        self._handles, self._projectors = [], []
 
     # ---------------------------------------------------------------- task end
     @torch.no_grad()

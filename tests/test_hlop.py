@@ -14,7 +14,7 @@ from torch import nn
 
 from clbench.config import ConfigError
 from clbench.experiment import run
-from clbench.subspace import HebbianSubspace
+from clbench.subspace import LayerProjector
 from strategies.hlop import HLOP, HLOPConfig
 
 # hlop.md "Offline stand-ins" at CI size: DSR spiking MLP 64-256-256-10, T = 6, permuted digits, batch 32, lr 0.05
@@ -23,40 +23,31 @@ SNN = ("model=snn_mlp", "model.hidden=[256,256]", "model.time_steps=6", "benchma
 ROWS = ("strategy.rows=[[20,60,60],[10,40,40]]", "strategy.hebbian_lr=[0.5]", "strategy.lr_normalize=true")
 
 
-class _Ctx:
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 4, bias=False)
-        self.conv = nn.Conv2d(3, 5, 3, bias=False)
-
-    def protected_layers(self) -> dict[str, nn.Module]:
-        return {"fc": self.fc, "conv": self.conv}
-
-
-def test_projection_removes_the_component_in_the_old_rows():
+@pytest.mark.parametrize("form", ["gradient", "input"])
+def test_projection_is_g_minus_g_ht_h_for_rows_that_are_not_orthonormal(form):
+    """HLOP's G (I − H_oldᵀ H_old) with under-converged rows (no projector): exactly that, in both forms, and
+    nothing left in span(H_old) when the rows are orthonormal."""
     g = torch.Generator().manual_seed(0)
-    net = _Net()
-    strategy = HLOP(HLOPConfig())
-    strategy.learners = {}
-    for name, d, k in (("fc", 6, 2), ("conv", 27, 9)):
-        M = torch.linalg.qr(torch.randn(d, k, generator=g))[0]
-        strategy.learners[name] = HebbianSubspace.from_basis(M)
-    for layer in (net.fc, net.conv):
-        layer.weight.grad = torch.randn(layer.weight.shape, generator=g)
-    raw = {n: layer.weight.grad.clone() for n, layer in net.protected_layers().items()}
-    strategy.project(_Ctx(net))  # type: ignore[arg-type]
-    for name, layer in net.protected_layers().items():
-        H = strategy.learners[name].old
-        G = layer.weight.grad.reshape(layer.weight.shape[0], -1)
-        assert float((G @ H.T).abs().max()) < 1e-5  # nothing left in span(H_old)
-        R = raw[name].reshape(G.shape)
-        torch.testing.assert_close(G, R - R @ H.T @ H)  # and nothing else removed
-        assert float(G.norm()) > 0.5 * float(R.norm())
+    layer = nn.Linear(6, 4, bias=False)
+    x = torch.randn(10, 6, generator=g)
+    for H in (0.6 * torch.randn(4, 6, generator=g), torch.linalg.qr(torch.randn(6, 4, generator=g))[0].T):  # 2k > d
+        layer.weight.grad = None
+        raw = torch.autograd.grad(layer(x).pow(2).sum(), layer.weight)[0]
+        projector = LayerProjector(layer, H.T, form=form, orthonormal=False)
+        projector.attach()
+        layer(x).pow(2).sum().backward()
+        projector.project_()
+        projector.detach()
+        G = layer.weight.grad
+        torch.testing.assert_close(G, raw - raw @ H.T @ H)
+        if torch.allclose(H @ H.T, torch.eye(4), atol=1e-6):  # orthonormal rows: nothing left in their span
+            assert float((G @ H.T).abs().max()) < 1e-5
+    conv = nn.Conv2d(3, 5, 3, bias=False)
+    H = torch.randn(9, 27, generator=g) / 5
+    conv.weight.grad = torch.randn(conv.weight.shape, generator=g)
+    raw = conv.weight.grad.reshape(5, -1).clone()
+    LayerProjector(conv, H.T, form="gradient", orthonormal=False).project_()
+    torch.testing.assert_close(conv.weight.grad.reshape(5, -1), raw - raw @ H.T @ H)
 
 
 def test_no_rows_is_naive_bit_for_bit(tmp_path):
@@ -147,7 +138,9 @@ def test_bad_rows_and_activity_are_config_errors(tmp_path):
 
 
 def test_hlop_forgets_far_less_than_snn_naive_and_close_to_exact_rows(tmp_path):
-    """Measured (3 tasks × 2 epochs, seeds 0-1): see the assertion's numbers."""
+    """Measured (3 tasks × 2 epochs), BWT over seeds 0-3: naive −30.6, −40.7, −46.1, −37.7; HLOP −1.1, −3.5,
+    −3.2, −1.5; exact (SVD) rows of the same size +1.1, −2.4, −1.5, −1.8. Seeds 0-1: naive −35.7, HLOP −2.3,
+    SVD −0.6 (ACC 62.1, 80.7, 80.6)."""
     args = (*SNN, "benchmark.n_tasks=3", "engine.epochs=2")
     bwt = {}
     for name, extra in (("naive", ("strategy=naive",)), ("hlop", ("strategy=hlop", *ROWS)),

@@ -101,13 +101,17 @@ class LayerProjector:
             module is ``nn.Linear``, ``batch_size`` is known and batch·d·m + overhead < out·d·m
             (m = min(k, d − k); overhead = :data:`INPUT_FORM_OVERHEAD`), gradient otherwise.
         batch_size: the training batch size (rows per step), used by ``"auto"``.
+        orthonormal: M has orthonormal columns (GPM). ``False`` (HLOP's Hebbian rows H_oldᵀ, whose H_oldᵀH_old
+            is a projector only once the rule has converged): the projection is ``g − (g M) Mᵀ`` exactly as
+            written, and the complement shortcut below, which assumes a projector, is never taken.
 
     The projector stores M, or C (a basis of span(M)^⊥) when k > d/2 since g (I − M Mᵀ) = (g C) Cᵀ, in the
     weight's dtype and device (re-cast once if the module moves). Use: ``attach()`` once before training the
     task, ``project_()`` after each backward (and after any gradient all-reduce), ``detach()`` at the end.
     """
 
-    def __init__(self, module: nn.Module, basis: Tensor, form: str = "auto", batch_size: int | None = None):
+    def __init__(self, module: nn.Module, basis: Tensor, form: str = "auto", batch_size: int | None = None,
+                 orthonormal: bool = True):
         if form not in FORMS:
             raise ValueError(f"LayerProjector: form must be one of {FORMS}, got {form!r}")
         weight = getattr(module, "weight", None)
@@ -123,7 +127,7 @@ class LayerProjector:
             raise ValueError(f"LayerProjector: basis has {k} columns, more than d={d}")
         if form == "auto":
             linear = isinstance(module, nn.Linear)
-            m = min(k, d - k)
+            m = min(k, d - k) if orthonormal else k
             use_input = linear and batch_size is not None and (
                 batch_size * d * m + INPUT_FORM_OVERHEAD < weight.shape[0] * d * m)
             form = "input" if use_input else "gradient"
@@ -134,7 +138,7 @@ class LayerProjector:
         self._dim = d
         self._rank = k
         self._basis = basis.detach()
-        self._complement = 2 * k > d
+        self._complement = orthonormal and 2 * k > d
         P = orthonormal_complement(basis.detach()) if self._complement else basis.detach()
         self._P = P.to(device=weight.device, dtype=weight.dtype).contiguous()
         self._attached = False
