@@ -88,7 +88,9 @@ class HLOPConfig(StrategyConfig):
 
     Attributes:
         rows: new subspace neurons per task: ``rows[t]`` for task t (0-based; the last entry repeats), each a list
-            with one count per protected layer in order, or one count for every layer. Capped at the layer's d.
+            with one count per protected layer in order, or one count for every layer (a longer list is cut, as
+            GPM's per-layer lists: the PMNIST counts then serve a multi-head net without its head). Capped at
+            the layer's d.
         hebbian_lr: η per protected layer (one value: every layer).
         momentum, iterations, clip: of the Hebbian rule (code: 0.9, 5 per batch on the same batch, ±10).
         subspace_method: ``hebbian`` (lateral neurons during training) or ``svd`` (exact rows at the task end).
@@ -150,6 +152,7 @@ class HLOP(Strategy):
         super().__init__(cfg)
         self.learners: dict[str, HebbianSubspace] = {}
         self._lrs: dict[str, float] = {}  # configured η per layer
+        self._rows: list[dict[str, int]] = []  # new rows per layer, per task (the last repeats)
         self._lr_scale: dict[str, float] = {}  # E‖x‖² per layer (lr_normalize)
         self._handles: list[Any] = []
         self._projectors: list[LayerProjector] = []
@@ -161,10 +164,7 @@ class HLOP(Strategy):
         layers = ctx.module.protected_layers()
         names = list(layers)
         self._lrs = lrs = per_layer(self.cfg.hebbian_lr, names, "hebbian_lr")
-        for t, counts in enumerate(self.cfg.rows):
-            if len(counts) not in (1, len(names)):
-                raise ConfigError(f"bad value for 'strategy.rows' (task {t}): {counts} gives {len(counts)} counts "
-                                  f"for {len(names)} protected layers {names}; give one count, or one per layer")
+        self._rows = [per_layer(counts, names, f"rows (task {t})") for t, counts in enumerate(self.cfg.rows)]
         self.learners = {
             name: HebbianSubspace(layers[name].weight[0].numel(), lr=lrs[name], momentum=self.cfg.momentum,
                                   iterations=self.cfg.iterations, clip=self.cfg.clip, device=ctx.device)
@@ -180,9 +180,7 @@ class HLOP(Strategy):
 
     def rows_for(self, task: int) -> dict[str, int]:
         """New rows per protected layer at task ``task`` (before the cap at d)."""
-        counts = self.cfg.rows[min(task, len(self.cfg.rows) - 1)]
-        names = list(self.learners)
-        return dict.fromkeys(names, counts[0]) if len(counts) == 1 else dict(zip(names, counts, strict=True))
+        return self._rows[min(task, len(self._rows) - 1)]
 
     def before_experience(self, ctx: Context) -> None:
         if self.cfg.subspace_method != "hebbian":
