@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -172,6 +173,39 @@ class TrackingConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """Continual federated learning (FOT's protocol, fot.md §2 and §4); read by federated strategies only.
+
+    Clients train with the engine's optimizer settings (``engine.batch_size``, ``engine.lr``, ``engine.optimizer``,
+    ``engine.momentum``, ``engine.weight_decay``); ``engine.epochs`` is not used (see ``local_epochs``).
+
+    Attributes:
+        engine: ``inprocess``: the clients run one after another in this process (:mod:`clbench.federated.loop`).
+            ``flower`` (real Flower SuperNodes, fot.md §9) is not built yet.
+        clients: K, the clients each task's training data is split over; every client holds a part of every
+            task (the code's ``task_pct_per_client`` = 1).
+        per_round: C, the clients sampled per round without replacement (all holders of the task when fewer).
+        rounds_per_task: communication rounds per task: one value for every task, or a list with one per task
+            (5-Datasets: 1000, 100, 200, 100, 100).
+        local_epochs: E, local epochs of each sampled client per round (the code: 1).
+        partition: how each task's training data is split over the clients: ``iid``, ``shards`` (the 2-shard
+            non-IID split of the code) or ``dirichlet`` (per-class Dirichlet(α), not in FOT).
+        alpha: α of ``partition=dirichlet``.
+        secure_sum: clients mask their task-end reports pairwise (:mod:`clbench.federated.secure_sum`), so the
+            server sees only their sum; false sends them in the clear (the code: a plain sum).
+    """
+
+    engine: str = "inprocess"
+    clients: int = 10
+    per_round: int = 5
+    rounds_per_task: Any = 20
+    local_epochs: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    secure_sum: bool = False
+
+
+@dataclass
 class StrategyConfig:
     """Base of every strategy's config; ``name`` picks the class in :mod:`strategies`."""
 
@@ -190,6 +224,8 @@ class RunConfig:
         resume: continue the run with the same config from its last checkpoint, in the same MLflow run.
         checkpoint_dir: root of the checkpoints, one folder per config (relative to the working directory).
         threads: torch CPU threads (null: torch's default).
+        federated: the federated setting of federated strategies (``fedavg``, ``fot``); must stay at its
+            defaults for the others.
     """
 
     seed: int = 0
@@ -200,6 +236,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     strategy: Any = field(default_factory=StrategyConfig)
 
 
@@ -225,7 +262,7 @@ def register_defaults() -> None:
 
     store = ConfigStore.instance()
     for group, schema in (("benchmark", BenchmarkConfig), ("model", ModelConfig), ("engine", EngineConfig),
-                          ("tracking", TrackingConfig)):
+                          ("tracking", TrackingConfig), ("federated", FederatedConfig)):
         store.store(group="_defaults", name=group, node=asdict(schema()))
 
 
@@ -261,7 +298,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     """
     from clbench.models import MODELS
     from clbench.streams import STREAMS
-    from strategies import config_class, strategy_names
+    from strategies import config_class, is_federated, strategy_names
 
     node = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     container = OmegaConf.to_container(node, resolve=True)
@@ -324,8 +361,52 @@ def load(cfg: DictConfig | dict) -> RunConfig:
            f"{e.warmup_epochs}; must be >= 0 and below engine.t_max (or engine.epochs when t_max is null): {t_max}")
     _check(e.schedule != "plateau" or b.validation_fraction > 0, "engine.schedule",
            "'plateau' watches the validation loss; set benchmark.validation_fraction > 0 (GPM's code: 0.05)")
+    _check_federated(run, is_federated(name))
     run.strategy.validate()
     return run
+
+
+_FEDERATED_ENGINES = ("inprocess",)
+
+
+def rounds_per_task(value: Any, n_tasks: int) -> list[int]:
+    """``federated.rounds_per_task`` as one count per task (one value: every task).
+
+    Raises:
+        ConfigError: a count < 1, or a list whose length is neither 1 nor ``n_tasks``.
+    """
+    counts = list(value) if isinstance(value, list | tuple) else [value]
+    _check(all(type(c) is int and c >= 1 for c in counts) and len(counts) in (1, n_tasks),
+           "federated.rounds_per_task", f"{value}; give one count >= 1, or one per task ({n_tasks})")
+    return counts * n_tasks if len(counts) == 1 else counts
+
+
+def _check_federated(run: RunConfig, federated: bool) -> None:
+    """The ``federated`` keys: honoured by federated strategies, refused by the others when set (they would be
+    ignored, yet logged and hashed into the config key as if they mattered)."""
+    from clbench.federated.partition import SCHEMES
+
+    f, name = run.federated, run.strategy.name
+    if not federated:
+        changed = sorted(k for k, v in asdict(f).items() if v != getattr(FederatedConfig(), k))
+        _check(not changed, f"federated.{changed[0] if changed else ''}",
+               f"strategy '{name}' is not federated, so federated.* settings ({changed}) have no effect; use a "
+               f"federated strategy ({federated_strategy_names()}) or drop them")
+        return
+    if f.engine == "flower":
+        raise ConfigError("bad value for 'federated.engine': 'flower' is not built yet (fot.md §9); valid now: "
+                          f"{list(_FEDERATED_ENGINES)}")
+    _check(f.engine in _FEDERATED_ENGINES, "federated.engine", f"'{f.engine}' is not one of {list(_FEDERATED_ENGINES)}")
+    _check(f.clients >= 1, "federated.clients", f"{f.clients}; must be >= 1")
+    _check(1 <= f.per_round <= f.clients, "federated.per_round", f"{f.per_round}; must be in [1, federated.clients]")
+    rounds_per_task(f.rounds_per_task, run.benchmark.n_tasks)
+    _check(f.local_epochs >= 1, "federated.local_epochs", f"{f.local_epochs}; must be >= 1")
+    _check(f.partition in SCHEMES, "federated.partition", f"'{f.partition}' is not one of {list(SCHEMES)}")
+    _check(math.isfinite(f.alpha) and f.alpha > 0, "federated.alpha", f"{f.alpha}; must be > 0")
+    _check(not run.resume, "resume", f"strategy '{name}' is federated, and federated runs are not checkpointed "
+           "(clbench.federated.loop): resume=true cannot continue one")
+    _check(run.engine.schedule == "constant", "engine.schedule",
+           f"'{run.engine.schedule}'; federated clients train with a constant learning rate (FOT's code)")
 
 
 _UNKEYED = ("resume", "checkpoint_dir", "threads", "tracking.", "engine.progress")
@@ -336,6 +417,13 @@ def _keyed(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, str]:
     (as text, as MLflow stores it) differs from the schema's default; the component names always."""
     return {k: str(v) for k, v in flat.items() if k in defaults and not k.startswith(_UNKEYED) and k != "seed"
             and (k.endswith(".name") or str(v) != str(defaults[k]))}
+
+
+def federated_strategy_names() -> list[str]:
+    """The registered federated strategies, sorted."""
+    from strategies import is_federated, strategy_names
+
+    return [n for n in strategy_names() if is_federated(n)]
 
 
 def _schema_defaults(strategy: str) -> dict[str, Any]:

@@ -81,7 +81,13 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``)."""
+    """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``).
+
+    A federated strategy (``fedavg``, ``fot``) trains each experience with :class:`clbench.federated.loop.
+    FederatedLoop` instead of the engine on one learner; the rest (stream, model, evaluation of the global model
+    on every test experience, tracking, artifacts) is shared. Federated runs are not checkpointed, so they
+    cannot resume (the config refuses ``resume=true`` for them).
+    """
     from lightning.fabric import Fabric
 
     if cfg.threads is not None:
@@ -117,6 +123,11 @@ def run(cfg: RunConfig) -> RunResult:
         return np.array(row)
 
     strategy.setup(ctx)  # may still refuse the config (e.g. a per-layer list of the wrong length): nothing logged yet
+    federation = None
+    if strategy.federated:  # splits every task over the clients: too many clients is still a config error here
+        from clbench.federated.loop import FederatedLoop
+
+        federation = FederatedLoop(cfg.federated, cfg.engine, ctx, strategy)  # type: ignore[arg-type]
     path = checkpoint.checkpoint_path(cfg)
     state = checkpoint.load(path) if cfg.resume else None
     R = np.full((T, T), np.nan)
@@ -130,17 +141,64 @@ def run(cfg: RunConfig) -> RunResult:
         print(f"resume=true but there is no checkpoint at {path}: starting afresh")
     tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
                       tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)})
-    display = Display(cfg.engine.progress, cfg.strategy.name, T, cfg.engine.epochs)
+    display = Display(cfg.engine.progress, cfg.strategy.name, T,
+                      cfg.engine.epochs if federation is None else max(federation.rounds))
     last_loss: list[float] = []
     owns_loop = strategy.overrides("train_experience")  # its loop cannot restart mid-experience
 
     def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
+        if federation is not None:  # federated runs are not checkpointed
+            return
         checkpoint.save(path, {
             "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
             "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
             "run_id": tracker.run_id})
+
+    def train_experience(i: int) -> None:
+        """Experience i on one learner: the engine (or the strategy's own loop), resumable mid-experience."""
+        ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
+        valid = getattr(stream.benchmark, "valid_stream", None)
+        ctx.valid_source = None if valid is None else sources(valid[i].dataset)
+        if state is not None and i == start:
+            checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
+        mid = state is not None and i == start and state["optimizer"] is not None
+        if not mid:
+            strategy.before_experience(ctx)
+        ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
+        ctx.schedule = engine.schedule(ctx.optimizer, module)
+        first_epoch = 0
+        if mid:
+            ctx.optimizer.load_state_dict(state["optimizer"])
+            ctx.schedule.load_state_dict(state["schedule"])
+            first_epoch = state["next_epoch"]
+
+        # Metrics are logged before the snapshot that covers them: a kill in between logs the same value
+        # again at the same step on resume (the resumed run recomputes it exactly); none is ever lost.
+        def on_epoch_end(epoch: int, loss: float, extra: dict[str, float] | None = None) -> None:
+            tracker.log_metrics({"loss": loss} | (extra or {}), step=i * cfg.engine.epochs + epoch)
+            display.epoch(i, epoch, loss)
+            last_loss[:] = [loss]
+            if cfg.engine.checkpoint_every_epoch and not owns_loop:
+                snapshot(i, epoch + 1, with_optimizer=True)
+
+        strategy.attach(ctx)
+        try:
+            if owns_loop:
+                strategy.train_experience(ctx, on_epoch_end)
+            else:
+                engine.fit(ctx, strategy, first_epoch, on_epoch_end)
+        finally:
+            strategy.detach(ctx)
+        strategy.after_experience(ctx)
+        ctx.optimizer = ctx.schedule = None
+
+    def on_round(i: int, r: int, step: int, scores: dict[str, float]) -> None:
+        """A federated round's metrics, at step = the round's index over the run."""
+        tracker.log_metrics(scores, step=step)
+        display.epoch(i, r, scores["round_loss"])
+        last_loss[:] = [scores["round_loss"]]
 
     try:
         if state is None:
@@ -151,49 +209,20 @@ def run(cfg: RunConfig) -> RunResult:
             snapshot(0, 0, with_optimizer=False)  # from here on a killed run resumes into this MLflow run
         for i in range(start, T):
             ctx.experience, ctx.epoch = i, 0
-            ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
-            valid = getattr(stream.benchmark, "valid_stream", None)
-            ctx.valid_source = None if valid is None else sources(valid[i].dataset)
-            if state is not None and i == start:
-                checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
-            mid = state is not None and i == start and state["optimizer"] is not None
-            if not mid:
-                strategy.before_experience(ctx)
-            ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
-            ctx.schedule = engine.schedule(ctx.optimizer, module)
-            first_epoch = 0
-            if mid:
-                ctx.optimizer.load_state_dict(state["optimizer"])
-                ctx.schedule.load_state_dict(state["schedule"])
-                first_epoch = state["next_epoch"]
-
-            # Metrics are logged before the snapshot that covers them: a kill in between logs the same value
-            # again at the same step on resume (the resumed run recomputes it exactly); none is ever lost.
-            def on_epoch_end(epoch: int, loss: float, extra: dict[str, float] | None = None, i: int = i) -> None:
-                tracker.log_metrics({"loss": loss} | (extra or {}), step=i * cfg.engine.epochs + epoch)
-                display.epoch(i, epoch, loss)
-                last_loss[:] = [loss]
-                if cfg.engine.checkpoint_every_epoch and not owns_loop:
-                    snapshot(i, epoch + 1, with_optimizer=True)
-
-            strategy.attach(ctx)
-            try:
-                if owns_loop:
-                    strategy.train_experience(ctx, on_epoch_end)
-                else:
-                    engine.fit(ctx, strategy, first_epoch, on_epoch_end)
-            finally:
-                strategy.detach(ctx)
-            strategy.after_experience(ctx)
+            per_exp: dict[str, float] = {}
+            if federation is None:
+                train_experience(i)
+            else:
+                per_exp = federation.train_task(ctx, partial(on_round, i))
             R[i] = evaluate_all()
-            per_exp = {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
+            per_exp |= {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
             per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
             tracker.log_metrics(per_exp, step=i)
             display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
-            ctx.optimizer = ctx.schedule = None
             snapshot(i + 1, 0, with_optimizer=False)
         display.close()
-        tracker.log_metrics(metrics.summary(R, b), step=T - 1)  # also when resumed after the last snapshot
+        totals = {} if federation is None else federation.totals()
+        tracker.log_metrics(metrics.summary(R, b) | totals, step=T - 1)  # also when resumed after the last snapshot
         _write_artifacts(tracker, cfg, R, b)
     except BaseException as error:
         display.close()

@@ -53,6 +53,12 @@ def config_class(name: str) -> type[StrategyConfig]:
     return _REGISTRY[name].config_class
 
 
+def is_federated(name: str) -> bool:
+    """Whether strategy ``name`` trains federated (:mod:`clbench.federated.loop`), not on one learner."""
+    _discover()
+    return _REGISTRY[name].federated
+
+
 def build_strategy(cfg: Any) -> Strategy:
     """Instantiate the strategy named by ``cfg.name`` with its typed config."""
     _discover()

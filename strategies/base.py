@@ -38,6 +38,7 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    federated: ClassVar[bool] = False  # True: trained by clbench.federated.loop (see strategies.fedavg.FedAvg)
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg

@@ -18,7 +18,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 
 def test_every_paper_experiment_is_there():
-    assert sorted(f"{m}_{b}" for m in ("gpm", "rogo", "hlop")
+    assert sorted(f"{m}_{b}" for m in ("gpm", "rogo", "hlop", "fot")
                                  for b in ("pmnist", "cifar100", "5datasets", "miniimagenet")) == EXPERIMENTS
 
 

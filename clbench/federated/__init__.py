@@ -1,5 +1,5 @@
-"""Building blocks of continual federated learning: FOT (Federated Orthogonal Training, Bakman et al., ICLR
-2024; see /work/shared/methods/fot.md), engine-agnostic and free of any training loop.
+"""Continual federated learning: FOT's building blocks (Federated Orthogonal Training, Bakman et al., ICLR
+2024; see /work/shared/methods/fot.md), engine-agnostic, and the in-process loop that uses them.
 
 Modules:
 
@@ -9,6 +9,10 @@ Modules:
   the server's basis extension from Σ_k Y_k; FedProject of the aggregated update.
 * :mod:`~clbench.federated.secure_sum` — pairwise additive masking, so the server sees only the sum.
 * :mod:`~clbench.federated.comm` — bytes per round (FedAvg = FOT) and per GPSE exchange.
+* :mod:`~clbench.federated.messages`, :mod:`~clbench.federated.client`, :mod:`~clbench.federated.loop` — the
+  in-process federated continual loop (imported on use: it needs the engine): the messages it moves, a client's
+  local training and report, the server's rounds. The methods' server steps are strategy code
+  (``strategies/fedavg.py``, ``strategies/fot.py``).
 
 The linear algebra (energy rule, basis extension, projection) is :mod:`clbench.subspace`'s.
 """

@@ -1,0 +1,60 @@
+"""A client's side of a round (fot.md §2 steps 2 and 5): local training with the engine, then its report.
+
+The client loads the global θ into the shared module, trains E local epochs with :class:`clbench.engine.Engine`
+exactly as a centralized experience trains (a fresh optimizer per round, as the code; the strategy's
+``penalty``/``project`` hooks apply if it has them), and answers the strategy's task-end request with
+``strategy.client_report`` (FOT: the residual sketches), masked for a secure sum when the round asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from clbench.context import Context, hash_seed
+from clbench.federated.messages import FromClient, ToClient
+
+if TYPE_CHECKING:
+    from clbench.engine import Engine
+    from clbench.federated.secure_sum import PairwiseMasking
+    from clbench.streams import BatchSource
+    from strategies.fedavg import FedAvg
+
+_CLIENT_KEY = 21  # stream of randomness of a client in a round
+
+
+def client_context(ctx: Context, client: int, msg: ToClient, source: BatchSource, epochs: int) -> Context:
+    """The client's view of the run: its own data, and randomness derived from (run seed, round, client id),
+    so batch orders differ between rounds and clients and a client's private draws (FOT's G_k) are its own."""
+    return dataclasses.replace(ctx, seed=hash_seed(ctx.seed, _CLIENT_KEY, msg.round, client), experience=msg.task,
+                               train_source=source, valid_source=None, optimizer=None, schedule=None, epoch=0,
+                               epochs=epochs)
+
+
+def run_client(client: int, msg: ToClient, source: BatchSource, ctx: Context, engine: Engine, strategy: FedAvg,
+               masking: PairwiseMasking | None = None) -> FromClient:
+    """Client ``client``'s reply to ``msg``, computed on ``ctx.module`` (overwritten with θ, then trained)."""
+    module = ctx.module
+    module.load_state_dict(msg.state)
+    cctx = client_context(ctx, client, msg, source, engine.cfg.epochs)
+    state, loss = None, None
+    if msg.train:
+        cctx.optimizer = engine.optimizer(strategy.parameters_to_train(cctx), msg.task)
+        cctx.schedule = engine.schedule(cctx.optimizer, module)
+        losses: list[float] = []
+        strategy.attach(cctx)
+        try:
+            engine.fit(cctx, strategy, 0, lambda epoch, epoch_loss, extra=None: losses.append(epoch_loss))
+        finally:
+            strategy.detach(cctx)
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        loss = losses[-1]
+    report = None
+    if msg.request is not None:
+        with torch.no_grad():
+            report = strategy.client_report(cctx, msg.request)
+        if masking is not None:
+            report = masking.mask(client, report)
+    return FromClient(client, state, report, loss)

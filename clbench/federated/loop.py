@@ -1,0 +1,163 @@
+"""The in-process federated continual loop: rounds of sampled clients and a server (fot.md §2; DESIGN.md
+"Federated training is a second outer loop").
+
+Per task t with R_t rounds (``federated.rounds_per_task``); round g counts over the whole run::
+
+    parts_t = the task's training samples split over the K clients (federated.partition), seeded by (seed, t)
+    round g:  S = C clients among those holding a part of t, without replacement, drawn from (seed, g) alone,
+                  so every method sees the same clients in the same round (the code seeds NumPy with the round
+                  index, step 1)
+              θ_k = local training of k ∈ S from θ (clbench.federated.client, step 2)
+              θ̄ = (1/C) Σ_k θ_k over every state-dict entry (uniform, as the code, step 3)
+              Δ = strategy.aggregate(θ̄ − θ);  θ ← θ + Δ          (FedAvg: Δ as is; FOT: FedProject, step 4)
+    last round, if strategy.task_end_request() asks: the clients of S report (with their model upload, or in a
+              query after the aggregation); the reports are summed, under pairwise masking with
+              federated.secure_sum, and strategy.task_end(Σ) runs (FOT: GPSE, steps 5-6)
+
+The loop knows no method: it samples, moves messages (:mod:`clbench.federated.messages`), averages, counts
+the bytes of the tensors it moves (:func:`clbench.federated.comm.tensor_bytes`) and calls the strategy's server
+hooks. With the same seed FOT and FedAvg see the same partitions, clients and client randomness, so FOT's first
+task (no bases yet) is FedAvg's bit for bit.
+
+Left out: checkpoints and resume (``resume=true`` is a config error for federated strategies), and the Flower
+engine (``federated.engine=flower`` is refused by the config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from clbench.config import ConfigError, EngineConfig, FederatedConfig, rounds_per_task
+from clbench.context import Context, hash_seed
+from clbench.engine import Engine
+from clbench.federated.client import run_client
+from clbench.federated.comm import Traffic, tensor_bytes
+from clbench.federated.messages import FromClient, ToClient
+from clbench.federated.partition import partition
+from clbench.federated.secure_sum import PairwiseMasking, secure_sum
+
+if TYPE_CHECKING:
+    from clbench.streams import BatchSource
+    from strategies.fedavg import FedAvg
+
+_PARTITION_KEY = 22  # randomness of each task's split over the clients
+_SAMPLE_KEY = 23  # randomness of each round's client sample
+_MASK_KEY = 24  # master seed of each secure sum's pairwise masks (the clients', unknown to the server)
+
+RoundCallback = Callable[[int, int, dict[str, float]], None]
+"""``on_round(round_in_task, round_in_run, metrics)`` after each round's aggregation."""
+
+
+def uniform_mean(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """θ̄ = (1/C) Σ_k θ_k entry by entry, summed in the given order (fot.md §2 step 3: uniform, not weighted by
+    sample counts, as the code); integer entries (e.g. BatchNorm's batch counter) are floor-divided."""
+    if not states:
+        raise ValueError("uniform_mean: no client states")
+    out: dict[str, Tensor] = {}
+    for key, first in states[0].items():
+        total = first.clone()
+        for state in states[1:]:
+            total += state[key]
+        out[key] = total / len(states) if total.is_floating_point() else total.div(len(states), rounding_mode="floor")
+    return out
+
+
+class FederatedLoop:
+    """The server's side of a federated run, with its clients simulated in this process one after another.
+
+    Args:
+        cfg: the federated setting.
+        engine_cfg: the clients' optimizer settings (``epochs`` is replaced by ``cfg.local_epochs``).
+        ctx: the run's context; its module holds θ_0 and serves every client in turn.
+        strategy: a federated strategy (:class:`strategies.fedavg.FedAvg` or a subclass), already set up.
+
+    Raises:
+        ConfigError: a task cannot be split as asked (e.g. more clients than samples).
+    """
+
+    def __init__(self, cfg: FederatedConfig, engine_cfg: EngineConfig, ctx: Context, strategy: FedAvg) -> None:
+        self.cfg, self.strategy, self.seed = cfg, strategy, ctx.seed
+        self.engine = Engine(dataclasses.replace(engine_cfg, epochs=cfg.local_epochs), ctx.fabric)
+        self.rounds = rounds_per_task(cfg.rounds_per_task, ctx.n_experiences)
+        self.parts = [self._split(ctx, t) for t in range(ctx.n_experiences)]
+        self.state = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}  # the global θ
+        self.round_index = 0
+        self.traffic = Traffic(0, 0)
+
+    def _split(self, ctx: Context, task: int) -> list[Tensor]:
+        labels = torch.as_tensor(list(ctx.stream.benchmark.train_stream[task].dataset.targets))
+        try:
+            return partition(labels, self.cfg.clients, self.cfg.partition, hash_seed(self.seed, _PARTITION_KEY, task),
+                             alpha=self.cfg.alpha)
+        except ValueError as e:
+            raise ConfigError(f"bad value for 'federated.clients' or 'federated.partition': task {task} has "
+                              f"{labels.numel()} training samples to split over {self.cfg.clients} clients "
+                              f"({self.cfg.partition}): {e}") from e
+
+    def _sample(self, holders: list[int]) -> list[int]:
+        """The round's clients, ascending: C of ``holders`` (all of them when they are at most C)."""
+        if len(holders) <= self.cfg.per_round:
+            return holders
+        gen = torch.Generator().manual_seed(hash_seed(self.seed, _SAMPLE_KEY, self.round_index))
+        pick = torch.randperm(len(holders), generator=gen)[: self.cfg.per_round]
+        return [holders[i] for i in sorted(pick.tolist())]
+
+    def _exchange(self, ctx: Context, msg: ToClient, chosen: list[int],
+                  sources: Mapping[int, BatchSource]) -> tuple[list[FromClient], Traffic, Traffic]:
+        """Send ``msg`` to each chosen client and collect the replies, with the bytes moved for the model
+        (θ down, θ_k up) and for the task-end exchange (request down, reports up)."""
+        masking = None
+        if self.cfg.secure_sum and msg.request is not None:
+            masking = PairwiseMasking(chosen, seed=hash_seed(self.seed, _MASK_KEY, msg.round))
+        replies = [run_client(k, msg, sources[k], ctx, self.engine, self.strategy, masking) for k in chosen]
+        model = Traffic(up=sum(tensor_bytes(m.state or {}) for m in replies),
+                        down=len(chosen) * tensor_bytes(msg.state))
+        report = Traffic(up=sum(tensor_bytes(m.report or {}) for m in replies),
+                         down=len(chosen) * tensor_bytes(msg.request or {}))
+        return replies, model, report
+
+    def _aggregate(self, ctx: Context, states: Sequence[Mapping[str, Tensor]]) -> None:
+        """θ ← θ + strategy.aggregate(θ̄ − θ) (fot.md §2 steps 3-4)."""
+        update = {k: v - self.state[k] for k, v in uniform_mean(states).items()}
+        update = self.strategy.aggregate(ctx, update)
+        self.state = {k: v + update[k] for k, v in self.state.items()}
+
+    def train_task(self, ctx: Context, on_round: RoundCallback) -> dict[str, float]:
+        """Train task ``ctx.experience``: its rounds, then the strategy's task-end exchange. Leaves the global θ
+        in ``ctx.module`` and returns the task's bytes (``task_bytes_*``: everything, ``gpse_bytes_*``: the
+        task-end exchange)."""
+        t = ctx.experience
+        dataset = ctx.stream.benchmark.train_stream[t].dataset
+        sources = {k: ctx.sources(dataset.subset(idx.tolist())) for k, idx in enumerate(self.parts[t]) if idx.numel()}
+        task, gpse = Traffic(0, 0), Traffic(0, 0)
+        for r in range(self.rounds[t]):
+            request = self.strategy.task_end_request(ctx) if r == self.rounds[t] - 1 else None
+            with_upload = None if request is None or request.after_aggregation else request.arrays
+            chosen = self._sample(sorted(sources))
+            replies, model, report = self._exchange(ctx, ToClient(t, self.round_index, self.state, with_upload),
+                                                    chosen, sources)
+            self._aggregate(ctx, [m.state for m in replies if m.state is not None])
+            losses = [m.loss for m in replies if m.loss is not None]
+            on_round(r, self.round_index, {"round_loss": sum(losses) / len(losses), "bytes_up": model.up + report.up,
+                                           "bytes_down": model.down + report.down, "round_clients": len(chosen)})
+            task, gpse = task + model + report, gpse + report
+            if request is not None:
+                if with_upload is None:  # a query of the aggregated model
+                    query = ToClient(t, self.round_index, self.state, request.arrays, train=False)
+                    replies, model, report = self._exchange(ctx, query, chosen, sources)
+                    task, gpse = task + model + report, gpse + model + report
+                self.strategy.task_end(ctx, secure_sum([m.report for m in replies if m.report is not None]))
+            self.round_index += 1
+        ctx.module.load_state_dict(self.state)
+        self.traffic += task
+        return {"task_bytes_up": task.up, "task_bytes_down": task.down, "gpse_bytes_up": gpse.up,
+                "gpse_bytes_down": gpse.down}
+
+    def totals(self) -> dict[str, float]:
+        """Bytes moved over the whole run so far (``bytes_up_total``, ``bytes_down_total``)."""
+        return {"bytes_up_total": self.traffic.up, "bytes_down_total": self.traffic.down}

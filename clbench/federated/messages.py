@@ -1,0 +1,63 @@
+"""What the server and the clients of a federated run send each other (fot.md §2-3).
+
+The loop (:mod:`clbench.federated.loop`) moves these and nothing else: a client's reply holds its model θ_k,
+the strategy's report (FOT: per-layer sketches d_l × m_l and scalars) and its training loss, never a tensor
+with one entry per local sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TaskEndRequest:
+    """What a strategy's server asks the clients of a task's last round (FOT: GPSE, fot.md §2 steps 5-6).
+
+    Attributes:
+        arrays: sent to every such client (FOT: the global bases U_l, for the residuals).
+        after_aggregation: False: each client answers right after its local training in the last round, from its
+            locally trained model, with its model upload (the code); True: in a separate query after the last
+            aggregation, from the global model (fot.md §9's Flower query round).
+    """
+
+    arrays: dict[str, Tensor]
+    after_aggregation: bool = False
+
+
+@dataclass(frozen=True)
+class ToClient:
+    """Server → client.
+
+    Attributes:
+        task: the task index t.
+        round: the round's index over the whole run (tasks one after another).
+        state: the global model θ (every state-dict entry).
+        request: the strategy's task-end request arrays (None: no report wanted).
+        train: run the local epochs (False: a query that only answers ``request`` from θ).
+    """
+
+    task: int
+    round: int
+    state: dict[str, Tensor]
+    request: dict[str, Tensor] | None = None
+    train: bool = True
+
+
+@dataclass(frozen=True)
+class FromClient:
+    """Client → server.
+
+    Attributes:
+        client: the client's id in 0…K−1.
+        state: θ_k after local training (None for a query).
+        report: the answer to the request, masked when the round sums securely (None: none asked).
+        loss: the mean training loss of its last local epoch (None for a query).
+    """
+
+    client: int
+    state: dict[str, Tensor] | None
+    report: dict[str, Tensor] | None
+    loss: float | None
