@@ -80,9 +80,14 @@ def test_report_from_mlflow(tmp_path, spec):
                        "gpm_pmnist_task_curves.png"]
 
 
-def test_committed_table_is_regenerated_exactly_from_the_committed_runs(tmp_path, spec):
-    """results/gpm_table.md, .csv and manifest.yaml follow from results/gpm_runs.csv and the spec."""
-    runs = RESULTS / "gpm_runs.csv"
-    tables.write_tables(spec, tables.read_runs_csv(runs), tmp_path)
-    for name in ("gpm_table.md", "gpm_table.csv", "manifest.yaml"):
-        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+@pytest.mark.parametrize("name", sorted(p.name.removesuffix("_runs.csv") for p in RESULTS.glob("*_runs.csv")))
+def test_committed_table_is_regenerated_exactly_from_the_committed_runs(tmp_path, name):
+    """results/<name>_table.md and .csv, and the table's section of manifest.yaml, follow from
+    results/<name>_runs.csv and the spec (every committed table: gpm, hlop, fot)."""
+    spec = tables.load_spec(name) | {"name": name}
+    tables.write_tables(spec, tables.read_runs_csv(RESULTS / f"{name}_runs.csv"), tmp_path)
+    for file in (f"{name}_table.md", f"{name}_table.csv"):
+        assert (tmp_path / file).read_text() == (RESULTS / file).read_text(), file
+    ours = yaml.safe_load((tmp_path / "manifest.yaml").read_text())
+    committed = yaml.safe_load((RESULTS / "manifest.yaml").read_text())
+    assert ours[name] == committed[name]
