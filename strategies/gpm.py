@@ -11,7 +11,9 @@ Fidelity flags (defaults = the official code, which produced the published numbe
   - ``rank_rule``: first-task rank ``code`` = #{i : cumsum(σ²)_i/Σσ² < ε} (one fewer than the paper) or
     ``paper`` = the smallest k reaching ε. Updates use the exact k under both rules, as the code does.
   - ``threshold_increment``: ε_t = ε + t·Δ for task t (0-based); the code's CIFAR setting is Δ = 0.003.
-  - norm layers' affine parameters are frozen after the first task (the code zeroes their gradients).
+  - norm layers' affine parameters are frozen after the first task (the code zeroes their gradients), and
+    BatchNorm layers are held in eval mode (a no-op for GPM's nets, whose BN keeps no running statistics; for
+    a net with running statistics they would otherwise drift on later tasks).
   - ``basis_source``: R from the layers' ``activations`` (GPM) or from their weight ``gradients``,
     R = (∂L/∂W)ᵀ of one forward/backward on n_s samples in eval mode (ROGO's code on CIFAR-100 and
     miniImageNet, rogo.md §2). A GPM-vs-ROGO comparison must use the same source.
@@ -38,6 +40,8 @@ from strategies.base import Strategy
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from torch.utils.hooks import RemovableHandle
+
     from clbench.context import Context
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,23 @@ log = logging.getLogger(__name__)
 _SAMPLE_KEY = 7  # stream of randomness for choosing the representation samples
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def norm_parameters(module: nn.Module) -> set[int]:
+    """ids of the affine parameters of every norm layer in ``module`` (frozen after the first task)."""
+    return {id(p) for m in module.modules() if isinstance(m, _NORMS) for p in m.parameters()}
+
+
+def hold_batchnorm_in_eval(module: nn.Module) -> list[RemovableHandle]:
+    """Keep every BatchNorm of ``module`` in eval mode while the returned hooks are attached, so layers with
+    running statistics stop updating them (the engine's ``model.train()`` each epoch would undo a one-off
+    ``eval()``). Layers without running statistics normalise with the batch's either way."""
+    return [m.register_forward_pre_hook(_eval_mode) for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _eval_mode(module: nn.Module, _args: tuple[Any, ...]) -> None:
+    module.training = False
 
 
 @dataclass
@@ -115,6 +136,7 @@ class GPM(Strategy):
         super().__init__(cfg)
         self.bases: dict[str, torch.Tensor] = {}
         self._projectors: list[LayerProjector] = []
+        self._norm_hooks: list[RemovableHandle] = []
         self._task_bases: dict[str, torch.Tensor] = {}  # the last task's own subspace per layer (for angles)
         self._angles: dict[str, float] = {}
 
@@ -135,6 +157,8 @@ class GPM(Strategy):
         ]
         for p in self._projectors:
             p.attach()
+        if self.cfg.freeze_norm_after_first and ctx.experience > 0:
+            self._norm_hooks = hold_batchnorm_in_eval(ctx.module)
 
     def project(self, ctx: Context) -> None:
         for p in self._projectors:
@@ -143,13 +167,15 @@ class GPM(Strategy):
     def parameters_to_train(self, ctx: Context) -> Iterator[nn.Parameter]:
         frozen: set[int] = set()
         if self.cfg.freeze_norm_after_first and ctx.experience > 0:
-            frozen = {id(p) for m in ctx.module.modules() if isinstance(m, _NORMS) for p in m.parameters()}
+            frozen = norm_parameters(ctx.module)
         return (p for p in ctx.module.parameters() if p.requires_grad and id(p) not in frozen)
 
     def detach(self, ctx: Context) -> None:
         for p in self._projectors:
             p.detach()
-        self._projectors = []
+        for h in self._norm_hooks:
+            h.remove()
+        self._projectors, self._norm_hooks = [], []
 
     @torch.no_grad()
     def after_experience(self, ctx: Context) -> None:

@@ -66,7 +66,7 @@ from clbench.subspace import (
 from clbench.subspace.projection import FORMS
 from strategies import register
 from strategies.base import Strategy
-from strategies.gpm import per_layer
+from strategies.gpm import hold_batchnorm_in_eval, norm_parameters, per_layer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -209,9 +209,7 @@ class HLOP(Strategy):
                 if learner.rows > learner.n_old:
                     self._handles.append(layers[name].register_forward_pre_hook(self._hebbian_hook(name, module)))
         if ctx.experience > 0 and self.cfg.freeze_bn:
-            for m in module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    self._handles.append(m.register_forward_pre_hook(_eval_mode))
+            self._handles += hold_batchnorm_in_eval(module)
 
     def _hebbian_hook(self, name: str, module: nn.Module) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         learner = self.learners[name]
@@ -267,8 +265,7 @@ class HLOP(Strategy):
         if ctx.experience > 0:
             module = ctx.module
             if self.cfg.freeze_bn:
-                frozen |= {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           for p in m.parameters()}
+                frozen |= norm_parameters(module)
             if self.cfg.freeze_thresholds:
                 frozen |= {id(p) for m in module.modules() if isinstance(m, SpikingNeuron) for p in m.parameters()}
             if self.cfg.freeze_1d:
@@ -359,7 +356,3 @@ class HLOP(Strategy):
             self.learners[name].load_state_dict(s)
         self._lr_scale, self._diagnostics = dict(state["lr_scale"]), dict(state["diagnostics"])
 
-
-def _eval_mode(module: nn.Module, _args: tuple[Any, ...]) -> None:
-    """Forward pre-hook keeping a norm layer in eval mode (``model.train()`` at each epoch would undo it)."""
-    module.training = False

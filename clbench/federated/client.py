@@ -39,6 +39,17 @@ def run_client(client: int, msg: ToClient, source: BatchSource, ctx: Context, en
     module = ctx.module
     module.load_state_dict(msg.state)
     cctx = client_context(ctx, client, msg, source, engine.cfg.epochs)
+    # The global RNG (dropout masks) is forked and seeded per (run seed, round, client): a client's draws do not
+    # depend on which clients ran before it, nor on whether an earlier one forwarded a task-end report.
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cctx.seed)
+        return _client_reply(client, msg, cctx, engine, strategy, masking)
+
+
+def _client_reply(client: int, msg: ToClient, cctx: Context, engine: Engine, strategy: FedAvg,
+                  masking: PairwiseMasking | None) -> FromClient:
+    module = cctx.module
     state, loss = None, None
     if msg.train:
         cctx.optimizer = engine.optimizer(strategy.parameters_to_train(cctx), msg.task)

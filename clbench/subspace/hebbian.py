@@ -183,7 +183,8 @@ class HebbianSubspace:
         k0, M, mu = self.n_old, self._buffer, self.momentum
         H_new = self.weight[k0:].clone()
         # The old rows are frozen, so their part of X − YH is the same in every iteration: X − Y_old H_old is
-        # formed once, and each iteration costs 3·B·d·m for the m new rows instead of 3·B·d·(k_old + m).
+        # formed once (2·B·d·k_old), and each iteration costs 3·B·d·m for the m new rows instead of
+        # 2·B·d·(k_old + m) + B·d·m.
         residual = X if k0 == 0 else X - (X @ self.old.T) @ self.old
         for _ in range(self.iterations):
             Y = X @ H_new.T
