@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from clbench.schedule import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and what would be valid."""
@@ -247,7 +249,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "engine.progress": ("auto", "bar", "none"),
     "engine.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
     "engine.precision": ("32-true", "32", "bf16-mixed", "16-mixed"),
-    "engine.schedule": ("constant", "plateau", "cosine"),
+    "engine.schedule": SCHEDULES,
 }
 
 

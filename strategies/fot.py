@@ -55,7 +55,7 @@ from clbench.federated.messages import TaskEndRequest
 from clbench.subspace import collect_layer_inputs
 from strategies import register
 from strategies.fedavg import FedAvg, FedAvgConfig
-from strategies.gpm import per_layer
+from strategies.gpm import basis_diagnostics, per_layer, validate_thresholds
 
 if TYPE_CHECKING:
     from clbench.context import Context
@@ -92,11 +92,7 @@ class FOTConfig(FedAvgConfig):
     activations_from: str = "local"
 
     def validate(self) -> None:
-        if not self.threshold or any(not 0.0 < e <= 1.0 for e in self.threshold):
-            raise ConfigError(f"bad value for 'strategy.threshold': {self.threshold}; each ε must be in (0, 1]")
-        if not 0.0 <= self.threshold_increment < 1.0:
-            raise ConfigError(f"bad value for 'strategy.threshold_increment': {self.threshold_increment}; "
-                              "must be in [0, 1)")
+        validate_thresholds(self.threshold, self.threshold_increment)
         if not self.sketch_factor or any(f < 1 for f in self.sketch_factor):
             raise ConfigError(f"bad value for 'strategy.sketch_factor': {self.sketch_factor}; each must be >= 1")
         for key, valid in (("sketch", SKETCHES), ("ratio", RATIOS), ("ratio_mean", RATIO_MEANS),
@@ -168,8 +164,4 @@ class FOT(FedAvg):
             self.bases[name] = expand_basis(self.bases.get(name), summed, eps, self.gpse).to(ctx.device)
 
     def diagnostics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, U in self.bases.items():
-            out[f"basis_dim/{name}"] = float(U.shape[1])
-            out[f"basis_frac/{name}"] = U.shape[1] / U.shape[0]
-        return out | self._scores
+        return basis_diagnostics(self.bases) | self._scores

@@ -95,11 +95,7 @@ class GPMConfig(StrategyConfig):
     basis_source: str = "activations"
 
     def validate(self) -> None:
-        if not self.threshold or any(not 0.0 < e <= 1.0 for e in self.threshold):
-            raise ConfigError(f"bad value for 'strategy.threshold': {self.threshold}; each ε must be in (0, 1]")
-        if not 0.0 <= self.threshold_increment < 1.0:
-            raise ConfigError(f"bad value for 'strategy.threshold_increment': {self.threshold_increment}; "
-                              "must be in [0, 1)")
+        validate_thresholds(self.threshold, self.threshold_increment)
         if not self.samples or any(n < 1 for n in self.samples):
             raise ConfigError(f"bad value for 'strategy.samples': {self.samples}; each n_s must be >= 1")
         for key, valid in (("rank_rule", ("code", "paper")), ("projection", ("auto", "gradient", "input")),
@@ -107,6 +103,23 @@ class GPMConfig(StrategyConfig):
                            ("basis_source", ("activations", "gradients"))):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"bad value for 'strategy.{key}': '{getattr(self, key)}'; valid: {list(valid)}")
+
+
+def validate_thresholds(threshold: list[float], increment: float) -> None:
+    """Refuse energy thresholds outside (0, 1] and a per-task increment outside [0, 1) (GPM, FOT)."""
+    if not threshold or any(not 0.0 < e <= 1.0 for e in threshold):
+        raise ConfigError(f"bad value for 'strategy.threshold': {threshold}; each ε must be in (0, 1]")
+    if not 0.0 <= increment < 1.0:
+        raise ConfigError(f"bad value for 'strategy.threshold_increment': {increment}; must be in [0, 1)")
+
+
+def basis_diagnostics(bases: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``basis_dim/<layer>`` and ``basis_frac/<layer>`` (its fraction of the layer's input space) of d × k bases."""
+    out: dict[str, float] = {}
+    for name, basis in bases.items():
+        out[f"basis_dim/{name}"] = float(basis.shape[1])
+        out[f"basis_frac/{name}"] = basis.shape[1] / basis.shape[0]
+    return out
 
 
 def per_layer(values: list[Any], names: list[str], key: str) -> dict[str, Any]:
@@ -220,11 +233,7 @@ class GPM(Strategy):
         self._angles[f"angle_min/{name}"] = float(theta.min())
 
     def diagnostics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, basis in self.bases.items():
-            out[f"basis_dim/{name}"] = float(basis.shape[1])
-            out[f"basis_frac/{name}"] = basis.shape[1] / basis.shape[0]
-        return out | self._angles
+        return basis_diagnostics(self.bases) | self._angles
 
     def state_dict(self) -> dict[str, Any]:
         return {"bases": {k: v.detach().cpu() for k, v in self.bases.items()},
