@@ -3,7 +3,10 @@
 The client loads the global θ into the shared module, trains E local epochs with :class:`clbench.engine.Engine`
 exactly as a centralized experience trains (a fresh optimizer per round, as the code; the strategy's
 ``penalty``/``project`` hooks apply if it has them), and answers the strategy's task-end request with
-``strategy.client_report`` (FOT: the residual sketches), masked for a secure sum when the round asks for it.
+``strategy.client_report`` (FOT: the residual sketches), masked for a secure sum when the round names its
+peers. The same function serves the in-process engine and Flower's ClientApp
+(:mod:`clbench.federated.flower_app`): a client's reply depends only on the message, the run's config and its
+local data.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import torch
 
 from clbench.context import Context, hash_seed
 from clbench.federated.messages import FromClient, ToClient
+from clbench.federated.secure_sum import PairwiseMasking
 
 if TYPE_CHECKING:
     from clbench.engine import Engine
-    from clbench.federated.secure_sum import PairwiseMasking
     from clbench.streams import BatchSource
     from strategies.fedavg import FedAvg
 
 _CLIENT_KEY = 21  # stream of randomness of a client in a round
+_MASK_KEY = 24  # master seed of each secure sum's pairwise masks (the clients', unknown to the server)
 
 
 def client_context(ctx: Context, client: int, msg: ToClient, source: BatchSource, epochs: int) -> Context:
@@ -33,9 +37,14 @@ def client_context(ctx: Context, client: int, msg: ToClient, source: BatchSource
                                epochs=epochs)
 
 
-def run_client(client: int, msg: ToClient, source: BatchSource, ctx: Context, engine: Engine, strategy: FedAvg,
-               masking: PairwiseMasking | None = None) -> FromClient:
-    """Client ``client``'s reply to ``msg``, computed on ``ctx.module`` (overwritten with θ, then trained)."""
+def run_client(client: int, msg: ToClient, source: BatchSource, ctx: Context, engine: Engine,
+               strategy: FedAvg) -> FromClient:
+    """Client ``client``'s reply to ``msg``, computed on ``ctx.module`` (overwritten with θ, then trained).
+
+    ``ctx`` is the run's context (its seed the run seed); the pairwise masks of a secure sum derive from
+    (run seed, round), which stands in for the key agreement of the round's peers.
+    """
+    masking = PairwiseMasking(msg.peers, seed=hash_seed(ctx.seed, _MASK_KEY, msg.round)) if msg.peers else None
     module = ctx.module
     module.load_state_dict(msg.state)
     cctx = client_context(ctx, client, msg, source, engine.cfg.epochs)

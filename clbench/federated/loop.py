@@ -14,20 +14,25 @@ Per task t with R_t rounds (``federated.rounds_per_task``); round g counts over 
               query after the aggregation); the reports are summed, under pairwise masking with
               federated.secure_sum, and strategy.task_end(Σ) runs (FOT: GPSE, steps 5-6)
 
-The loop knows no method: it samples, moves messages (:mod:`clbench.federated.messages`), averages, counts
-the bytes of the tensors it moves (:func:`clbench.federated.comm.tensor_bytes`) and calls the strategy's server
-hooks. With the same seed FOT and FedAvg see the same partitions, clients and client randomness, so FOT's first
-task (no bases yet) is FedAvg's bit for bit.
+The loop knows no method: it samples, hands messages (:mod:`clbench.federated.messages`) to its clients
+through a :class:`Clients` transport, averages, counts the bytes of the tensors it moves
+(:func:`clbench.federated.comm.tensor_bytes`) and calls the strategy's server hooks. With the same seed FOT and
+FedAvg see the same partitions, clients and client randomness, so FOT's first task (no bases yet) is FedAvg's
+bit for bit.
 
-Left out: checkpoints and resume (``resume=true`` is a config error for federated strategies), and the Flower
-engine (``federated.engine=flower`` is refused by the config).
+Engines differ only in the transport: :class:`InProcessClients` (``federated.engine=inprocess``) runs each
+client here, one after another; :class:`clbench.federated.flower_app.FlowerClients`
+(``federated.engine=flower``) sends the same messages to Flower SuperNodes, whose ClientApps run the same
+:func:`clbench.federated.client.run_client`. Both give the same accuracy matrix.
+
+Left out: checkpoints and resume (``resume=true`` is a config error for federated strategies).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -39,7 +44,7 @@ from clbench.federated.client import run_client
 from clbench.federated.comm import Traffic, tensor_bytes
 from clbench.federated.messages import FromClient, ToClient
 from clbench.federated.partition import partition
-from clbench.federated.secure_sum import PairwiseMasking, secure_sum
+from clbench.federated.secure_sum import secure_sum
 
 if TYPE_CHECKING:
     from clbench.streams import BatchSource
@@ -47,10 +52,14 @@ if TYPE_CHECKING:
 
 _PARTITION_KEY = 22  # randomness of each task's split over the clients
 _SAMPLE_KEY = 23  # randomness of each round's client sample
-_MASK_KEY = 24  # master seed of each secure sum's pairwise masks (the clients', unknown to the server)
 
 RoundCallback = Callable[[int, int, dict[str, float]], None]
 """``on_round(round_in_task, round_in_run, metrics)`` after each round's aggregation."""
+
+
+def client_engine_config(engine_cfg: EngineConfig, cfg: FederatedConfig) -> EngineConfig:
+    """The clients' engine settings: the run's, with ``local_epochs`` epochs per round."""
+    return dataclasses.replace(engine_cfg, epochs=cfg.local_epochs)
 
 
 def uniform_mean(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -67,37 +76,81 @@ def uniform_mean(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def split_task(ctx: Context, cfg: FederatedConfig, task: int) -> list[Tensor]:
+    """Task ``task``'s training-sample indices per client (``federated.partition``), seeded by (run seed, task):
+    the server and every client compute the same split.
+
+    Raises:
+        ConfigError: the task cannot be split as asked (e.g. more clients than samples).
+    """
+    labels = torch.as_tensor(list(ctx.stream.benchmark.train_stream[task].dataset.targets))
+    try:
+        return partition(labels, cfg.clients, cfg.partition, hash_seed(ctx.seed, _PARTITION_KEY, task),
+                         alpha=cfg.alpha)
+    except ValueError as e:
+        raise ConfigError(f"bad value for 'federated.clients' or 'federated.partition': task {task} has "
+                          f"{labels.numel()} training samples to split over {cfg.clients} clients "
+                          f"({cfg.partition}): {e}") from e
+
+
+def client_source(ctx: Context, task: int, part: Tensor) -> BatchSource:
+    """A client's local data of task ``task``: its part of the task's training set (see :func:`split_task`)."""
+    return ctx.sources(ctx.stream.benchmark.train_stream[task].dataset.subset(part.tolist()))
+
+
+class Clients(Protocol):
+    """A federated engine's transport: delivers one message to each of some clients and returns their replies."""
+
+    def exchange(self, msg: ToClient, clients: Sequence[int]) -> list[FromClient]:
+        """The replies of ``clients`` (ascending ids) to ``msg``, in the same order."""
+        ...
+
+
+class InProcessClients:
+    """Every client runs in this process on the server's module, one after another (the default engine).
+
+    Args:
+        ctx: the run's context (its module serves every client in turn).
+        engine: the clients' engine (``local_epochs`` epochs).
+        strategy: the run's strategy (its client hooks).
+        parts: each task's sample indices per client (:func:`split_task`).
+    """
+
+    def __init__(self, ctx: Context, engine: Engine, strategy: FedAvg, parts: Sequence[Sequence[Tensor]]) -> None:
+        self.ctx, self.engine, self.strategy, self.parts = ctx, engine, strategy, parts
+        self._task, self._sources = -1, {}
+
+    def exchange(self, msg: ToClient, clients: Sequence[int]) -> list[FromClient]:
+        if msg.task != self._task:  # the batch sources of the task's clients, built once per task
+            self._task = msg.task
+            self._sources = {k: client_source(self.ctx, msg.task, part) for k, part in enumerate(self.parts[msg.task])}
+        return [run_client(k, msg, self._sources[k], self.ctx, self.engine, self.strategy) for k in clients]
+
+
 class FederatedLoop:
-    """The server's side of a federated run, with its clients simulated in this process one after another.
+    """The server's side of a federated run.
 
     Args:
         cfg: the federated setting.
         engine_cfg: the clients' optimizer settings (``epochs`` is replaced by ``cfg.local_epochs``).
         ctx: the run's context; its module holds θ_0 and serves every client in turn.
         strategy: a federated strategy (:class:`strategies.fedavg.FedAvg` or a subclass), already set up.
+        clients: the transport to the clients (None: :class:`InProcessClients`).
 
     Raises:
         ConfigError: a task cannot be split as asked (e.g. more clients than samples).
     """
 
-    def __init__(self, cfg: FederatedConfig, engine_cfg: EngineConfig, ctx: Context, strategy: FedAvg) -> None:
+    def __init__(self, cfg: FederatedConfig, engine_cfg: EngineConfig, ctx: Context, strategy: FedAvg,
+                 clients: Clients | None = None) -> None:
         self.cfg, self.strategy, self.seed = cfg, strategy, ctx.seed
-        self.engine = Engine(dataclasses.replace(engine_cfg, epochs=cfg.local_epochs), ctx.fabric)
+        self.engine = Engine(client_engine_config(engine_cfg, cfg), ctx.fabric)
         self.rounds = rounds_per_task(cfg.rounds_per_task, ctx.n_experiences)
-        self.parts = [self._split(ctx, t) for t in range(ctx.n_experiences)]
+        self.parts = [split_task(ctx, cfg, t) for t in range(ctx.n_experiences)]
         self.state = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}  # the global θ
         self.round_index = 0
         self.traffic = Traffic(0, 0)
-
-    def _split(self, ctx: Context, task: int) -> list[Tensor]:
-        labels = torch.as_tensor(list(ctx.stream.benchmark.train_stream[task].dataset.targets))
-        try:
-            return partition(labels, self.cfg.clients, self.cfg.partition, hash_seed(self.seed, _PARTITION_KEY, task),
-                             alpha=self.cfg.alpha)
-        except ValueError as e:
-            raise ConfigError(f"bad value for 'federated.clients' or 'federated.partition': task {task} has "
-                              f"{labels.numel()} training samples to split over {self.cfg.clients} clients "
-                              f"({self.cfg.partition}): {e}") from e
+        self.clients = clients or InProcessClients(ctx, self.engine, strategy, self.parts)
 
     def _sample(self, holders: list[int]) -> list[int]:
         """The round's clients, ascending: C of ``holders`` (all of them when they are at most C)."""
@@ -107,14 +160,12 @@ class FederatedLoop:
         pick = torch.randperm(len(holders), generator=gen)[: self.cfg.per_round]
         return [holders[i] for i in sorted(pick.tolist())]
 
-    def _exchange(self, ctx: Context, msg: ToClient, chosen: list[int],
-                  sources: Mapping[int, BatchSource]) -> tuple[list[FromClient], Traffic, Traffic]:
+    def _exchange(self, msg: ToClient, chosen: list[int]) -> tuple[list[FromClient], Traffic, Traffic]:
         """Send ``msg`` to each chosen client and collect the replies, with the bytes moved for the model
         (θ down, θ_k up) and for the task-end exchange (request down, reports up)."""
-        masking = None
         if self.cfg.secure_sum and msg.request is not None:
-            masking = PairwiseMasking(chosen, seed=hash_seed(self.seed, _MASK_KEY, msg.round))
-        replies = [run_client(k, msg, sources[k], ctx, self.engine, self.strategy, masking) for k in chosen]
+            msg = dataclasses.replace(msg, peers=tuple(chosen))
+        replies = self.clients.exchange(msg, chosen)
         model = Traffic(up=sum(tensor_bytes(m.state or {}) for m in replies),
                         down=len(chosen) * tensor_bytes(msg.state))
         report = Traffic(up=sum(tensor_bytes(m.report or {}) for m in replies),
@@ -132,15 +183,13 @@ class FederatedLoop:
         in ``ctx.module`` and returns the task's bytes (``task_bytes_*``: everything, ``gpse_bytes_*``: the
         task-end exchange)."""
         t = ctx.experience
-        dataset = ctx.stream.benchmark.train_stream[t].dataset
-        sources = {k: ctx.sources(dataset.subset(idx.tolist())) for k, idx in enumerate(self.parts[t]) if idx.numel()}
+        holders = [k for k, part in enumerate(self.parts[t]) if part.numel()]
         task, gpse = Traffic(0, 0), Traffic(0, 0)
         for r in range(self.rounds[t]):
             request = self.strategy.task_end_request(ctx) if r == self.rounds[t] - 1 else None
             with_upload = None if request is None or request.after_aggregation else request.arrays
-            chosen = self._sample(sorted(sources))
-            replies, model, report = self._exchange(ctx, ToClient(t, self.round_index, self.state, with_upload),
-                                                    chosen, sources)
+            chosen = self._sample(holders)
+            replies, model, report = self._exchange(ToClient(t, self.round_index, self.state, with_upload), chosen)
             self._aggregate(ctx, [m.state for m in replies if m.state is not None])
             losses = [m.loss for m in replies if m.loss is not None]
             on_round(r, self.round_index, {"round_loss": sum(losses) / len(losses), "bytes_up": model.up + report.up,
@@ -149,7 +198,7 @@ class FederatedLoop:
             if request is not None:
                 if with_upload is None:  # a query of the aggregated model
                     query = ToClient(t, self.round_index, self.state, request.arrays, train=False)
-                    replies, model, report = self._exchange(ctx, query, chosen, sources)
+                    replies, model, report = self._exchange(query, chosen)
                     task, gpse = task + model + report, gpse + model + report
                 self.strategy.task_end(ctx, secure_sum([m.report for m in replies if m.report is not None]))
             self.round_index += 1

@@ -37,6 +37,8 @@ class ToClient:
         state: the global model θ (every state-dict entry).
         request: the strategy's task-end request arrays (None: no report wanted).
         train: run the local epochs (False: a query that only answers ``request`` from θ).
+        peers: the clients whose reports the server sums securely (each masks its report for a pairwise-masked
+            sum among them, :class:`clbench.federated.secure_sum.PairwiseMasking`); empty: reports go unmasked.
     """
 
     task: int
@@ -44,6 +46,7 @@ class ToClient:
     state: dict[str, Tensor]
     request: dict[str, Tensor] | None = None
     train: bool = True
+    peers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
