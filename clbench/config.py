@@ -8,6 +8,7 @@ strategy brings its own config dataclass (``strategies/<name>.py``), looked up b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -183,7 +184,9 @@ class FederatedConfig:
 
     Attributes:
         engine: ``inprocess``: the clients run one after another in this process (:mod:`clbench.federated.loop`).
-            ``flower`` (real Flower SuperNodes, fot.md §9) is not built yet.
+            ``flower``: the same clients and server on Flower (the ``flower`` extra, fot.md §9): the server in a
+            ServerApp, each client a SuperNode whose ClientApps run the client's rounds in their own processes
+            (:mod:`clbench.federated.flower_app`); the same accuracy matrix as ``inprocess``.
         clients: K, the clients each task's training data is split over; every client holds a part of every
             task (the code's ``task_pct_per_client`` = 1).
         per_round: C, the clients sampled per round without replacement (all holders of the task when fewer).
@@ -195,6 +198,11 @@ class FederatedConfig:
         alpha: α of ``partition=dirichlet``.
         secure_sum: clients mask their task-end reports pairwise (:mod:`clbench.federated.secure_sum`), so the
             server sees only their sum; false sends them in the clear (the code: a plain sum).
+        flower_federation: with ``engine=flower``: null starts a SuperLink and ``clients`` SuperNodes on
+            127.0.0.1 for the run and stops them after it (:mod:`clbench.federated.flower_launch`); a name submits
+            the run to that federation of ``$FLWR_HOME/config.toml`` (e.g. a cluster's SuperLink, whose
+            SuperNodes were started with ``--node-config "partition-id=k num-partitions=K"``, k = 0…K−1).
+        flower_timeout: seconds the server waits for the SuperNodes to connect and for each round's replies.
     """
 
     engine: str = "inprocess"
@@ -205,6 +213,8 @@ class FederatedConfig:
     partition: str = "iid"
     alpha: float = 0.5
     secure_sum: bool = False
+    flower_federation: str | None = None
+    flower_timeout: float = 600.0
 
 
 @dataclass
@@ -368,7 +378,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     return run
 
 
-_FEDERATED_ENGINES = ("inprocess",)
+_FEDERATED_ENGINES = ("inprocess", "flower")
 
 
 def rounds_per_task(value: Any, n_tasks: int) -> list[int]:
@@ -395,10 +405,11 @@ def _check_federated(run: RunConfig, federated: bool) -> None:
                f"strategy '{name}' is not federated, so federated.* settings ({changed}) have no effect; use a "
                f"federated strategy ({federated_strategy_names()}) or drop them")
         return
-    if f.engine == "flower":
-        raise ConfigError("bad value for 'federated.engine': 'flower' is not built yet (fot.md §9); valid now: "
-                          f"{list(_FEDERATED_ENGINES)}")
     _check(f.engine in _FEDERATED_ENGINES, "federated.engine", f"'{f.engine}' is not one of {list(_FEDERATED_ENGINES)}")
+    if f.engine == "flower":
+        _check(importlib.util.find_spec("flwr") is not None, "federated.engine",
+               "'flower' needs Flower: pip install -c constraints.txt -e '.[flower]'")
+    _check(f.flower_timeout > 0, "federated.flower_timeout", f"{f.flower_timeout}; must be > 0")
     _check(f.clients >= 1, "federated.clients", f"{f.clients}; must be >= 1")
     _check(1 <= f.per_round <= f.clients, "federated.per_round", f"{f.per_round}; must be in [1, federated.clients]")
     rounds_per_task(f.rounds_per_task, run.benchmark.n_tasks)
@@ -411,7 +422,8 @@ def _check_federated(run: RunConfig, federated: bool) -> None:
            f"'{run.engine.schedule}'; federated clients train with a constant learning rate (FOT's code)")
 
 
-_UNKEYED = ("resume", "checkpoint_dir", "threads", "tracking.", "engine.progress")
+_UNKEYED = ("resume", "checkpoint_dir", "threads", "tracking.", "engine.progress", "federated.engine",
+            "federated.flower_")
 
 
 def _keyed(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, str]:

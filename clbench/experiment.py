@@ -18,10 +18,12 @@ from clbench.config import ConfigError, RunConfig, fingerprint, flatten
 from clbench.context import Context
 from clbench.display import Display, format_matrix
 from clbench.engine import Engine
+from clbench.federated.loop import Clients, FederatedLoop, split_task
 from clbench.models import build_model
 from clbench.streams import batch_source, build_stream
 from clbench.tracking import Tracker, git_sha, package_versions
 from strategies import build_strategy
+from strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +82,26 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
             tracker.log_artifact(f)
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``).
+def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
+    """What a run builds from its config before it trains: threads, seeds, stream, model, Fabric and the
+    strategy, set up on the context. Federated clients on Flower build the same (:mod:`clbench.federated.
+    flower_app`).
 
-    A federated strategy (``fedavg``, ``fot``) trains each experience with :class:`clbench.federated.loop.
-    FederatedLoop` instead of the engine on one learner; the rest (stream, model, evaluation of the global model
-    on every test experience, tracking, artifacts) is shared. Federated runs are not checkpointed, so they
-    cannot resume (the config refuses ``resume=true`` for them).
+    Raises:
+        ConfigError: what only the stream, the model, Fabric or the strategy can check; nothing is logged yet.
     """
     from lightning.fabric import Fabric
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    try:  # what only the stream, the model or Fabric can check: still a config error, before anything is logged
+    try:
         stream = build_stream(cfg.benchmark, cfg.seed)
         module = build_model(cfg.model, stream.spec)
         fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
                         precision=cfg.engine.precision)  # type: ignore[arg-type]
     except ValueError as e:  # a benchmark / model / engine key that cannot be honoured here
         raise ConfigError(str(e)) from e
-    spec = stream.spec
-    T = spec.n_tasks
     strategy = build_strategy(cfg.strategy)
     module = strategy.wrap_model(module)
     model = fabric.setup_module(module)
@@ -111,6 +111,33 @@ def run(cfg: RunConfig) -> RunResult:
     ctx = Context(model=model, module=module, fabric=fabric, stream=stream, seed=cfg.seed,
                   batch_size=cfg.engine.batch_size, eval_batch_size=cfg.engine.eval_batch_size,
                   epochs=cfg.engine.epochs, sources=sources)
+    strategy.setup(ctx)  # may still refuse the config (e.g. a per-layer list of the wrong length)
+    return ctx, strategy
+
+
+def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
+    """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``).
+
+    A federated strategy (``fedavg``, ``fot``) trains each experience with :class:`clbench.federated.loop.
+    FederatedLoop` instead of the engine on one learner; the rest (stream, model, evaluation of the global model
+    on every test experience, tracking, artifacts) is shared. Federated runs are not checkpointed, so they
+    cannot resume (the config refuses ``resume=true`` for them). With ``federated.engine=flower`` and no
+    ``clients``, the run is handed to Flower (:func:`clbench.federated.flower_launch.launch`), whose ServerApp
+    calls this function again with its SuperNodes as ``clients``.
+
+    Args:
+        cfg: the run's config.
+        clients: the federated transport (None: the engine's, ``federated.engine``).
+    """
+    ctx, strategy = setup(cfg)
+    if strategy.federated and cfg.federated.engine == "flower" and clients is None:
+        from clbench.federated.flower_launch import launch
+
+        split_task(ctx, cfg.federated, 0)  # too many clients is a config error here, before any process starts
+        return launch(cfg)
+    model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
+    spec = stream.spec
+    T = spec.n_tasks
     engine = Engine(cfg.engine, fabric)
     tests = [sources(e.dataset) for e in stream.benchmark.test_stream]
 
@@ -122,12 +149,9 @@ def run(cfg: RunConfig) -> RunResult:
         model.train()
         return np.array(row)
 
-    strategy.setup(ctx)  # may still refuse the config (e.g. a per-layer list of the wrong length): nothing logged yet
     federation = None
     if strategy.federated:  # splits every task over the clients: too many clients is still a config error here
-        from clbench.federated.loop import FederatedLoop
-
-        federation = FederatedLoop(cfg.federated, cfg.engine, ctx, strategy)  # type: ignore[arg-type]
+        federation = FederatedLoop(cfg.federated, cfg.engine, ctx, strategy, clients)  # type: ignore[arg-type]
     path = checkpoint.checkpoint_path(cfg)
     state = checkpoint.load(path) if cfg.resume else None
     R = np.full((T, T), np.nan)

@@ -1,0 +1,217 @@
+"""Submitting a run to Flower (``federated.engine=flower``; fot.md §9), and the local federation on loopback.
+
+:func:`launch` writes a Flower app for the run (a ``pyproject.toml`` whose components are
+:mod:`clbench.federated.flower_app`'s ServerApp and ClientApp, and whose run config carries the run's config),
+submits it with ``flwr run <app> <federation> --stream``, echoes the run's log and reads the run's result from
+the ServerApp's last line (:data:`clbench.federated.flower_app.RESULT_MARKER`).
+
+The federation is either
+
+* ``federated.flower_federation=null`` (default): a :class:`LocalFederation` — a SuperLink and K SuperNodes
+  (``partition-id=k``) as real processes on 127.0.0.1 with free ports and a private ``FLWR_HOME``, started for
+  the run and stopped after it, in the run's own process groups (so Flower's ``flower-superexec`` and
+  ``flwr-clientapp`` children go with them); or
+* a name from ``$FLWR_HOME/config.toml``: a SuperLink somewhere else whose SuperNodes the user started (the
+  README's cluster recipe). Every node needs clbench installed (the app ships no code) and, in this stand-in,
+  the benchmark's data; the tracking URI must be reachable from the SuperLink's host.
+
+Flower runs a ClientApp in a fresh process per message, so each client round pays one Python start and one
+build of the stream and model (benchmarks/federated.py measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import numpy as np
+import tomli_w
+
+from clbench.federated.flower_app import CONFIG_KEY, RESULT_MARKER, config_text
+
+if TYPE_CHECKING:
+    from clbench.config import RunConfig
+    from clbench.experiment import RunResult
+
+LOCAL_FEDERATION = "clbench-local"
+_START_TIMEOUT = 60.0  # seconds for the local SuperLink to listen
+
+
+def _bin(name: str) -> str:
+    """A Flower executable of this environment (SuperLink spawns ``flower-superexec`` by name: the venv's
+    ``bin`` is also put first on the children's PATH)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _env(home: Path | None) -> dict[str, str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the local Flower SuperLink exited with code {proc.returncode}:\n{_tail(log)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the local Flower SuperLink did not listen on 127.0.0.1:{port} within {_START_TIMEOUT} s:\n"
+                       f"{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+class LocalFederation:
+    """A SuperLink and ``clients`` SuperNodes on 127.0.0.1, as real processes, under ``home`` (their
+    ``FLWR_HOME``, config and logs). Use as a context manager; :attr:`env` is the environment for ``flwr run``.
+    """
+
+    def __init__(self, home: Path, clients: int) -> None:
+        self.home, self.clients = home, clients
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.env = _env(home)
+
+    def _start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalFederation:
+        self.home.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        (self.home / "config.toml").write_text(tomli_w.dumps(
+            {"superlink": {LOCAL_FEDERATION: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+        try:
+            link = self._start([_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                                "--port", str(port)], self.home / "superlink.log")
+            _wait_listening(port, link, self.home / "superlink.log")
+            for k in range(self.clients):
+                self._start([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                             "--port", str(_free_port()),
+                             "--node-config", f"partition-id={k} num-partitions={self.clients}"],
+                            self.home / f"supernode-{k}.log")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Terminate every process group started (SIGTERM, then SIGKILL after 10 s)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in self.procs:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + 10
+            for proc in self.procs:
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if all(p.poll() is not None for p in self.procs):
+                break
+        self.procs.clear()
+
+    def logs(self) -> str:
+        """The last lines of the SuperLink's and each SuperNode's log."""
+        return "\n".join(f"--- {p.name}\n{_tail(p)}" for p in sorted(self.home.glob("*.log")))
+
+
+def write_app(directory: Path, cfg: RunConfig) -> Path:
+    """The Flower app of a run: a ``pyproject.toml`` naming clbench's ServerApp and ClientApp, with the run's
+    config as its run config (:data:`clbench.federated.flower_app.CONFIG_KEY`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "clbench-run", "version": "1.0.0", "description": "a clbench run on Flower",
+                    "license": "MIT", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "clbench",
+                                  "components": {"serverapp": "clbench.federated.flower_app:server_app",
+                                                 "clientapp": "clbench.federated.flower_app:client_app"},
+                                  "config": {CONFIG_KEY: config_text(cfg)}}}},
+    }))
+    return directory
+
+
+def _absolute(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its relative paths made absolute: Flower's processes do not run in this directory."""
+
+    def sqlite(uri: str) -> str:
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str(Path(uri[len(prefix):]).resolve())
+        return uri
+
+    t = cfg.tracking
+    tracking = dataclasses.replace(t, uri=sqlite(t.uri), artifact_root=t.artifact_root if "://" in t.artifact_root
+                                   else str(Path(t.artifact_root).resolve()))
+    benchmark = dataclasses.replace(cfg.benchmark, data_root=str(Path(cfg.benchmark.data_root).resolve()))
+    return dataclasses.replace(cfg, tracking=tracking, benchmark=benchmark,
+                               checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()))
+
+
+def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] = sys.stdout) -> dict[str, object]:
+    """``flwr run <app> <federation> --stream``: echo its output and return the ServerApp's result.
+
+    Raises:
+        RuntimeError: ``flwr run`` failed or the run ended without a result (the ServerApp raised).
+    """
+    proc = subprocess.Popen([_bin("flwr"), "run", str(app), federation, "--stream"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=app)
+    assert proc.stdout is not None
+    result, lines = None, []
+    for line in proc.stdout:
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+            continue
+        echo.write(line)
+        lines = [*lines[-39:], line.rstrip()]
+    code = proc.wait()
+    if code != 0 or result is None:
+        raise RuntimeError(f"the Flower run on federation '{federation}' ended without a result (flwr run exit "
+                           f"code {code}); its last lines:\n" + "\n".join(lines))
+    return result
+
+
+def launch(cfg: RunConfig) -> RunResult:
+    """Run ``cfg`` on Flower: on a :class:`LocalFederation` of ``federated.clients`` SuperNodes, or on the
+    federation ``federated.flower_federation``; return what the ServerApp's run produced."""
+    from clbench.experiment import RunResult
+
+    cfg = _absolute(cfg)
+    with tempfile.TemporaryDirectory(prefix="clbench-flower-") as tmp:
+        app = write_app(Path(tmp) / "app", cfg)
+        if cfg.federated.flower_federation is not None:
+            result = submit(app, cfg.federated.flower_federation, _env(None))
+        else:
+            with LocalFederation(Path(tmp) / "flwr", cfg.federated.clients) as local:
+                try:
+                    result = submit(app, LOCAL_FEDERATION, local.env)
+                except RuntimeError as e:
+                    raise RuntimeError(f"{e}\nThe local federation's logs:\n{local.logs()}") from None
+    return RunResult(R=np.array(result["R"]), initial=np.array(result["initial"]),
+                     scores=dict(result["scores"]), run_id=str(result["run_id"]))  # type: ignore[call-overload]
