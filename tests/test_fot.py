@@ -294,8 +294,8 @@ def composed() -> dict[str, DictConfig]:
 
 
 @pytest.mark.parametrize(("strategy", "updates", "pattern"), [
-    ("fot", {"federated.engine": "flower"}, r"'federated.engine'.*'flower' is not built yet.*\['inprocess'\]"),
-    ("fot", {"federated.engine": "grpc"}, r"'federated.engine'.*\['inprocess'\]"),
+    ("fot", {"federated.engine": "grpc"}, r"'federated.engine'.*\['inprocess', 'flower'\]"),
+    ("fot", {"federated.flower_timeout": 0}, r"'federated.flower_timeout'.*> 0"),
     ("fot", {"federated.clients": 0}, r"'federated.clients'.*>= 1"),
     ("fot", {"federated.per_round": 11}, r"'federated.per_round'.*\[1, federated.clients\]"),
     ("fot", {"federated.rounds_per_task": 0}, r"'federated.rounds_per_task'.*>= 1"),
