@@ -11,8 +11,17 @@ timed apart. Against it, the same clients' local training in a plain loop withou
 per client, ``load_state_dict``, a fresh ``torch.optim.SGD``, ``randperm`` batches, forward, cross-entropy,
 backward, step, then the uniform mean of the states. Reported: rounds/s and the ratio federated / plain (ratio
 of medians and median of paired ratios, interleaved), and the machinery's extra ms per round and µs per local
-step (a round is 90-100 steps at every K: one pass over the task). No target (the issue asks for in-process
-vs Flower; the Flower engine is not built yet, so only the in-process side is measured).
+step (a round is 90-100 steps at every K: one pass over the task). No target.
+
+**(d) Rounds per second, in-process vs Flower** (``federated.engine=flower`` on a local federation: a SuperLink
+and K SuperNodes as processes on 127.0.0.1, :mod:`clbench.federated.flower_launch`). The same whole run on each
+engine — FedAvg, C = K, one task of ``permuted_digits`` (the stand-in of (a)), ``--flower-rounds`` rounds —
+timed alike from the MLflow timestamps of its per-round metric ``round_loss`` (logged after each aggregation):
+a round's time is the gap between two consecutive ones (the first round also pays the start, so it is left
+out), the median over the run. Both runs give the same R (checked). Flower starts a fresh ClientApp process
+per message, and each imports torch, Lightning and Avalanche and builds the stream and the model before it
+trains: the per-client start cost is also reported (Flower round time − in-process round time, over C).
+No target: the figure says what Flower's process-per-message model costs for a model this small.
 
 **(b) GPSE server-side extraction time** (fot.md §2 step 6) for the paper's PMNIST MLP 784-400-400-400-10, all
 4 weights projected, m = d, U[−1, 1] sketches, ε = 0.96. Synthetic layer inputs per task: per layer a fixed
@@ -39,15 +48,19 @@ comm helpers (:func:`clbench.federated.round_traffic`, :func:`clbench.federated.
 ``--repeats`` (default 3) applies to (b); (a) interleaves ``--round-repeats`` (default 9) rounds of each kind.
 
 Run: ``python -m benchmarks.federated [--json PATH] [--repeats N] [--round-repeats N] [--tasks N]
-[--device cpu|cuda]``.
+[--flower-clients 2,5,10,20,50] [--flower-rounds N] [--device cpu|cuda]`` (``--flower-clients ''`` skips (d)).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import functools
+import dataclasses
+import io
+import itertools
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -73,6 +86,7 @@ from clbench.federated import (
 )
 
 CLIENTS_A = (2, 10, 50)
+CLIENTS_D = (2, 5, 10, 20, 50)
 ROUND_REPEATS = 9
 LR, BATCH, WEIGHT_DECAY = 0.1, 16, 1e-5
 STAND_IN = ("benchmark=permuted_digits", "model=mlp", f"engine.batch_size={BATCH}", f"engine.lr={LR}",
@@ -102,36 +116,18 @@ FOT_KEYS = ("strategy=fot", "strategy.threshold=[0.96]", "strategy.sketch=unifor
 
 
 class Federation:
-    """What ``clbench.experiment.run`` builds before its first task, for a federated strategy: the stream, the
-    Fabric-wrapped model, the strategy (set up) and the :class:`~clbench.federated.loop.FederatedLoop`."""
+    """What ``clbench.experiment.run`` builds before its first task, for a federated strategy: the context, the
+    strategy (set up, :func:`clbench.experiment.setup`) and the :class:`~clbench.federated.loop.FederatedLoop`."""
 
     def __init__(self, overrides: Sequence[str], device: str) -> None:
-        from lightning.fabric import Fabric
-
-        from clbench.context import Context
-        from clbench.experiment import seed_everything
+        from clbench.experiment import setup
         from clbench.federated.loop import FederatedLoop
-        from clbench.models import build_model
-        from clbench.streams import batch_source, build_stream
         from clbench.tables import compose
-        from strategies import build_strategy
 
-        (cfg,) = compose(list(overrides))
-        seed_everything(cfg.seed)
-        stream = build_stream(cfg.benchmark, cfg.seed)
-        strategy = build_strategy(cfg.strategy)
-        module = strategy.wrap_model(build_model(cfg.model, stream.spec))
-        fabric = Fabric(accelerator=torch.device(device).type, devices=1, precision=cfg.engine.precision)
-        model = fabric.setup_module(module)
-        model.mark_forward_method("loss")
-        model.mark_forward_method("predict")
-        sources = functools.partial(batch_source, device=fabric.device, max_bytes=cfg.engine.cache_bytes)
-        self.ctx = Context(model=model, module=module, fabric=fabric, stream=stream, seed=cfg.seed,
-                           batch_size=cfg.engine.batch_size, eval_batch_size=cfg.engine.eval_batch_size,
-                           epochs=cfg.engine.epochs, sources=sources)
-        strategy.setup(self.ctx)
-        self.cfg, self.strategy = cfg, strategy
-        self.loop = FederatedLoop(cfg.federated, cfg.engine, self.ctx, strategy)
+        (cfg,) = compose([*overrides, f"engine.accelerator={torch.device(device).type}"])
+        self.ctx, self.strategy = setup(cfg)
+        self.cfg = cfg
+        self.loop = FederatedLoop(cfg.federated, cfg.engine, self.ctx, self.strategy)  # type: ignore[arg-type]
 
     def train_task(self, task: int) -> tuple[dict[str, float], list[float], list[dict[str, float]]]:
         """Train task ``task``: the loop's per-task bytes, the time of each round callback (perf_counter, the
@@ -193,8 +189,6 @@ def task_setup(fed: Federation, repeats: int) -> float:
 def rounds_per_second(args: argparse.Namespace) -> dict[str, Any]:
     print(f"(a) in-process engine, FedAvg, C = K, permuted_digits task 0 ({BATCH=}, {LR=}), MLP 64-100-100-10, "
           f"{args.round_repeats} interleaved repeats (median)")
-    print("    Flower engine: not built yet (federated.engine=flower is refused, fot.md §9): in-process only; "
-          "fot.md §9's loopback prototype took 68 s for 2 tasks × 2 rounds with a ClientApp process per message")
     header = (f"{'K':>4} {'n/client':>8} | {'fed ms':>8} {'rounds/s':>8} {'set-up ms':>9} | {'plain ms':>8} "
               f"{'rounds/s':>8} | {'fed/plain':>9} {'paired':>6} | {'+ms/round':>9} {'+µs/step':>8}")
     print(header)
@@ -222,7 +216,56 @@ def rounds_per_second(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{K:>4} {row['samples_per_client']:>8} | {f * 1e3:>8.1f} {1 / f:>8.2f} {row['setup_s'] * 1e3:>9.1f} | "
               f"{p * 1e3:>8.1f} {1 / p:>8.2f} | {f / p:>9.2f} {row['fed_over_plain_paired']:>6.2f} | "
               f"{row['overhead_ms_per_round']:>9.1f} {row['overhead_us_per_step']:>8.0f}", flush=True)
-    return {"rows": rows, "flower": "not built yet"}
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ (d) vs Flower
+
+
+def _round_seconds(uri: str, run_id: str) -> list[float]:
+    """Gaps between consecutive ``round_loss`` timestamps of an MLflow run, the first round left out."""
+    from mlflow.tracking import MlflowClient
+
+    stamps = sorted(m.timestamp for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "round_loss"))
+    return [(b - a) / 1e3 for a, b in itertools.pairwise(stamps)]
+
+
+def flower_vs_inprocess(args: argparse.Namespace) -> dict[str, Any]:
+    from clbench.experiment import run
+    from clbench.tables import compose
+
+    print(f"\n(d) rounds/s, in-process vs Flower (local SuperLink + K SuperNodes on 127.0.0.1), FedAvg, C = K, "
+          f"permuted_digits task 0, {args.flower_rounds} rounds, round times from MLflow (median, first round out)")
+    header = (f"{'K':>4} | {'in-proc s':>9} {'rounds/s':>8} | {'Flower s':>8} {'rounds/s':>8} | {'Flower/in':>9} | "
+              f"{'s/client':>8} | {'run s':>6} | same R")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for K in args.flower_clients:
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = f"sqlite:///{tmp}/mlflow.db"
+            (cfg,) = compose([*STAND_IN, "strategy=fedavg", "benchmark.n_tasks=1", f"federated.clients={K}",
+                              f"federated.per_round={K}", f"federated.rounds_per_task={args.flower_rounds}",
+                              "engine.accelerator=cpu", f"tracking.uri={uri}", f"tracking.artifact_root={tmp}/art",
+                              f"checkpoint_dir={tmp}/ckpt", f"threads={args.threads}"])
+            flower_cfg = dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, engine="flower"))
+            results, seconds = {}, {}
+            for name, c in (("inprocess", cfg), ("flower", flower_cfg)):
+                with contextlib.redirect_stdout(io.StringIO()):
+                    t0 = time.perf_counter()
+                    results[name] = run(c)
+                    seconds[name] = time.perf_counter() - t0
+            inproc = statistics.median(_round_seconds(uri, results["inprocess"].run_id))
+            flower = statistics.median(_round_seconds(uri, results["flower"].run_id))
+        row = {"clients": K, "inprocess_round_s": inproc, "flower_round_s": flower, "flower_over_inprocess":
+               flower / inproc, "flower_s_per_client": (flower - inproc) / K, "flower_run_s": seconds["flower"],
+               "inprocess_run_s": seconds["inprocess"],
+               "same_R": bool((results["flower"].R == results["inprocess"].R).all())}
+        rows.append(row)
+        print(f"{K:>4} | {inproc:>9.3f} {1 / inproc:>8.2f} | {flower:>8.1f} {1 / flower:>8.3f} | "
+              f"{flower / inproc:>9.0f} | {row['flower_s_per_client']:>8.2f} | {seconds['flower']:>6.0f} | "
+              f"{row['same_R']}", flush=True)
+    return {"rows": rows, "rounds": args.flower_rounds}
 
 
 # ------------------------------------------------------------------------------------------ (b) GPSE server
@@ -439,6 +482,9 @@ def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=TASKS, help="tasks of the GPSE sweep (default: %(default)s)")
     parser.add_argument("--round-repeats", type=int, default=ROUND_REPEATS,
                         help="interleaved repeats of (a), rounds of a fraction of a second (default: %(default)s)")
+    parser.add_argument("--flower-clients", type=lambda v: [int(k) for k in v.split(",") if k],
+                        default=list(CLIENTS_D), help="K of (d), comma-separated; '' skips (d) (default: 2,5,10,20,50)")
+    parser.add_argument("--flower-rounds", type=int, default=3, help="rounds of each run of (d) (default: 3)")
 
 
 def main() -> dict[str, Any]:
@@ -448,11 +494,13 @@ def main() -> dict[str, Any]:
     start = time.perf_counter()
     with threadpool_limits(limits=args.threads):
         a = rounds_per_second(args)
+        d = flower_vs_inprocess(args) if args.flower_clients else None
         with torch.no_grad():
             b = gpse_server(args)
         c = bytes_per_task(args)
     print(f"\ntotal {time.perf_counter() - start:.0f} s, device {args.device}, torch threads {torch.get_num_threads()}")
-    payload = {"benchmark": "federated", "rounds": a, "gpse_server": b, "bytes": c, "device": args.device}
+    payload = {"benchmark": "federated", "rounds": a, "flower": d, "gpse_server": b, "bytes": c,
+               "device": args.device}
     return finish(args, payload)
 
 

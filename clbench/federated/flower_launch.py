@@ -174,8 +174,9 @@ def _absolute(cfg: RunConfig) -> RunConfig:
                                checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()))
 
 
-def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] = sys.stdout) -> dict[str, object]:
-    """``flwr run <app> <federation> --stream``: echo its output and return the ServerApp's result.
+def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] | None = None) -> dict[str, object]:
+    """``flwr run <app> <federation> --stream``: echo its output (to ``echo``, default the current
+    ``sys.stdout``) and return the ServerApp's result.
 
     Raises:
         RuntimeError: ``flwr run`` failed or the run ended without a result (the ServerApp raised).
@@ -183,6 +184,7 @@ def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] = sys.
     proc = subprocess.Popen([_bin("flwr"), "run", str(app), federation, "--stream"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=app)
     assert proc.stdout is not None
+    echo = echo or sys.stdout
     result, lines = None, []
     for line in proc.stdout:
         if line.startswith(RESULT_MARKER):
