@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from clbench.config import RunConfig, load
@@ -17,3 +18,8 @@ def run_config(tmp: Path, *overrides: str) -> RunConfig:
             f"checkpoint_dir={tmp}/checkpoints", "engine.progress=none", "threads=1"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return load(compose(config_name="config", overrides=[*base, *overrides]))
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (tests draw their data from their own generators)."""
+    return torch.Generator().manual_seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gen
 from torch import Tensor, nn
 
 from clbench.federated import (
@@ -36,22 +37,20 @@ torch.set_num_threads(1)
 GPM_EXACT = GPSEConfig(sketch="gram", ratio="squared", ratio_mean="pooled", always_add=False)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _orthonormal(d: int, k: int, seed: int) -> Tensor:
-    return torch.linalg.qr(torch.randn(d, k, generator=_gen(seed), dtype=torch.float64))[0]
+    return torch.linalg.qr(torch.randn(d, k, generator=gen(seed), dtype=torch.float64))[0]
 
 
 def _low_rank(B: Tensor, n: int, seed: int) -> Tensor:
     """n columns in span(B) with well-spread coefficients (rank B exactly)."""
-    return B @ torch.randn(B.shape[1], n, generator=_gen(seed), dtype=torch.float64)
+    return B @ torch.randn(B.shape[1], n, generator=gen(seed), dtype=torch.float64)
 
 
 def _decaying(d: int, n: int, seed: int, axes: int | None = None) -> Tensor:
     """Full-rank activations with a decaying spectrum along random axes (seeded by ``axes``, default seed)."""
-    g = _gen(seed)
+    g = gen(seed)
     scales = torch.logspace(0, -2, d, dtype=torch.float64)
     rotation = _orthonormal(d, d, 100 + (seed if axes is None else axes))
     return rotation @ (scales[:, None] * torch.randn(d, n, generator=g, dtype=torch.float64))
@@ -65,7 +64,7 @@ def _split(A: Tensor, sizes: list[int]) -> list[Tensor]:
 def _server(basis: Tensor | None, parts: list[Tensor], eps: float, cfg: GPSEConfig, m: int | None) -> Tensor:
     """One GPSE exchange: every client sketches its part with its own generator; the server sums and expands."""
     uploads = [
-        {"w": client_sketch(A, basis, m, None if cfg.sketch == "gram" else _gen(1000 + k), cfg)}
+        {"w": client_sketch(A, basis, m, None if cfg.sketch == "gram" else gen(1000 + k), cfg)}
         for k, A in enumerate(parts)
     ]
     return expand_basis(basis, sum_sketches(uploads)["w"], eps, cfg)
@@ -93,14 +92,14 @@ def test_iid_covers_every_index_once_and_is_seeded() -> None:
     parts = iid_partition(103, 10, seed=3)
     _assert_cover(parts, 103)
     assert sorted({p.numel() for p in parts}) == [10, 11]
-    again = iid_partition(103, 10, seed=_gen(3))
+    again = iid_partition(103, 10, seed=gen(3))
     assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
     other = iid_partition(103, 10, seed=4)
     assert not all(torch.equal(a, b) for a, b in zip(parts, other, strict=True))
 
 
 def test_shards_give_each_client_two_labels_on_balanced_data() -> None:
-    y = torch.arange(10).repeat_interleave(40)[torch.randperm(400, generator=_gen(0))]
+    y = torch.arange(10).repeat_interleave(40)[torch.randperm(400, generator=gen(0))]
     parts = shard_partition(y, 10, seed=1)  # 20 shards of 20 = half a class each
     _assert_cover(parts, 400)
     labels_per_client = [torch.unique(y[p]).numel() for p in parts]
@@ -135,7 +134,7 @@ def test_dirichlet_is_uniform_for_large_alpha_and_skewed_for_small() -> None:
     y = torch.arange(10).repeat_interleave(200)
 
     def shares(alpha: float) -> Tensor:
-        parts = dirichlet_partition(y, 5, alpha, seed=_gen(0))
+        parts = dirichlet_partition(y, 5, alpha, seed=gen(0))
         _assert_cover(parts, 2000)
         counts = torch.stack([torch.bincount(y[p], minlength=10) for p in parts]).double()
         return counts / counts.sum(0)  # client × class: each class's share per client
@@ -250,7 +249,7 @@ def test_effective_threshold_and_mean_ratio() -> None:
 def test_always_add_flag_when_the_old_basis_already_holds_eps() -> None:
     d = 10
     U = _orthonormal(d, 3, seed=12)
-    inside = U @ torch.randn(3, 40, generator=_gen(13), dtype=torch.float64)
+    inside = U @ torch.randn(3, 40, generator=gen(13), dtype=torch.float64)
     A = inside + 1e-2 * _decaying(d, 40, seed=14)  # residual energy ≪ (1 − ε)
     cfg = GPSEConfig(sketch="gram")
     total = client_sketch(A, U, None, None, cfg)
@@ -275,7 +274,7 @@ def test_no_client_message_has_a_sample_count_dimension(monkeypatch: pytest.Monk
         A = _decaying(d, n, seed=n)
         for cfg, width in ((GPSEConfig(), m), (GPSEConfig(sketch="uniform"), m), (GPSEConfig(sketch="gram"), d)):
             for basis in (None, U):
-                msg = client_sketch(A, basis, m, _gen(n), cfg, chunk_elements=chunk)
+                msg = client_sketch(A, basis, m, gen(n), cfg, chunk_elements=chunk)
                 shapes = [tuple(t.shape) for t in pack_sketches({"w": msg}).values()]
                 assert shapes == [(d, width), (), ()]
                 assert all(n not in s for s in shapes)
@@ -298,11 +297,11 @@ def test_streamed_blocks_equal_one_block() -> None:
     assert streamed.ratio_num == pytest.approx(whole.ratio_num, rel=1e-6)
     assert streamed.ratio_den == pytest.approx(whole.ratio_den, rel=1e-6)
     with pytest.raises(RuntimeError, match="no activations"):
-        ResidualSketcher(None, 4, _gen(0)).message()
+        ResidualSketcher(None, 4, gen(0)).message()
     with pytest.raises(ValueError, match="sketch_dim"):
-        ResidualSketcher(None, None, _gen(0))
+        ResidualSketcher(None, None, gen(0))
     with pytest.raises(ValueError, match="rows"):
-        ResidualSketcher(U, 4, _gen(0)).update(torch.ones(d + 1, 3))
+        ResidualSketcher(U, 4, gen(0)).update(torch.ones(d + 1, 3))
 
 
 # ---------------------------------------------------------------- secure sum
@@ -314,8 +313,8 @@ def test_masked_uploads_hide_the_sketches_but_sum_exactly() -> None:
     raw = []
     for c in clients:
         upload = {
-            "a.weight": client_sketch(_decaying(d, 30 + c, seed=c), U, m, _gen(c)),
-            "b.weight": client_sketch(_decaying(d, 25, seed=c + 1), None, m, _gen(c + 1)),
+            "a.weight": client_sketch(_decaying(d, 30 + c, seed=c), U, m, gen(c)),
+            "b.weight": client_sketch(_decaying(d, 25, seed=c + 1), None, m, gen(c + 1)),
         }
         raw.append(pack_sketches(upload))
     masking = PairwiseMasking(clients, seed=99)
@@ -342,7 +341,7 @@ def test_masked_uploads_hide_the_sketches_but_sum_exactly() -> None:
 
 
 def test_project_update_removes_the_subspace_and_passes_the_rest() -> None:
-    g = _gen(19)
+    g = gen(19)
     update = {
         "fc.weight": torch.randn(7, 10, generator=g),
         "fc.bias": torch.randn(7, generator=g),
@@ -382,7 +381,7 @@ def test_byte_counts_match_hand_arithmetic() -> None:
     assert round_traffic(212, 4, basis_bytes=48) == Traffic(up=848, down=4 * 260)  # the code resends bases
     # real float64 messages have exactly the counted size
     msgs = {
-        name: client_sketch(torch.randn(d, 11, generator=_gen(0)), None, m, _gen(1)) for name, (d, m) in shapes.items()
+        name: client_sketch(torch.randn(d, 11, generator=gen(0)), None, m, gen(1)) for name, (d, m) in shapes.items()
     }
     assert tensor_bytes(pack_sketches(msgs)) == gpse_traffic(shapes, 1, bytes_per_float=8).up
     # fot.md §3: MLP 784-400-400-400-10, all 4 weights projected, m = d

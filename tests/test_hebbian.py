@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gen
 from torch import Tensor, nn
 
 from clbench.subspace import HebbianSubspace, hebbian_extend, principal_angles, top_singular
@@ -13,13 +14,11 @@ from clbench.subspace import HebbianSubspace, hebbian_extend, principal_angles, 
 D = 64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _source(spectrum: Tensor, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(L, mean, eigenvectors of the uncentred E[xxᵀ] = L Lᵀ + mean meanᵀ, descending) of x = L z + mean."""
-    g = _gen(seed)
+    g = gen(seed)
     Q = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
     mean = 0.3 * Q[:, -1]  # an offset along a weak direction: the statistics are uncentred
     L = Q * spectrum.sqrt()
@@ -28,7 +27,7 @@ def _source(spectrum: Tensor, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _batches(L: Tensor, mean: Tensor, n: int, size: int, seed: int):
-    g = _gen(seed)
+    g = gen(seed)
     Lf, mf = L.T.float(), mean.float()
     for _ in range(n):
         yield torch.randn(size, D, generator=g) @ Lf + mf
@@ -46,7 +45,7 @@ def learned() -> tuple[HebbianSubspace, Tensor]:
     256 (2000 updates): a learner with 8 rows, merged, and the true top-8 eigenvectors."""
     L, mean, evecs = _source(SPECTRUM)
     h = HebbianSubspace(D, lr=0.003)
-    assert h.add_rows(8, generator=_gen(1)) == 8
+    assert h.add_rows(8, generator=gen(1)) == 8
     for x in _batches(L, mean, 400, 256, seed=2):
         h.step(x)
     h.merge()
@@ -69,7 +68,7 @@ def test_code_defaults_converge_with_the_papers_rate():
     rate is about 0.1 rad)."""
     L, mean, evecs = _source(SPECTRUM, seed=3)
     h = HebbianSubspace(D)  # lr 0.01, momentum 0.9, 5 iterations, clip 10
-    h.add_rows(8, generator=_gen(4))
+    h.add_rows(8, generator=gen(4))
     for x in _batches(L, mean, 500, 64, seed=5):
         h.step(x)
     assert float(principal_angles(h.weight.T, evecs[:, :8]).cos().min()) >= 0.98
@@ -83,7 +82,7 @@ def test_new_rows_learn_the_residual_and_old_rows_stay_frozen():
     L, mean, evecs = _source(SPECTRUM2, seed=6)
     h = HebbianSubspace.from_basis(evecs[:, :8].float(), lr=0.003)
     old = h.old.clone()
-    h.add_rows(4, generator=_gen(7))
+    h.add_rows(4, generator=gen(7))
     assert float((h.new.double() @ evecs[:, :8]).abs().max()) > 0.05  # they start overlapping the old rows
     for x in _batches(L, mean, 300, 256, seed=8):
         h.step(x)
@@ -117,13 +116,13 @@ def test_projection_removes_the_learned_component(learned):
     G(I − P) H_oldᵀ = 0; activity projection inside the weight gradient equals G(I − P)."""
     h, _ = learned
     assert float(h.projector_eigenvalues().max()) <= 1 + 1e-2 and float(h.projector_eigenvalues().min()) >= 1 - 1e-2
-    x = torch.randn(32, D, generator=_gen(12))
+    x = torch.randn(32, D, generator=gen(12))
     M = h.basis("old")
     assert M.shape == (D, 8)
     assert float((h.project(x) @ M).norm() / (x @ M).norm()) <= 1e-2
     inside = (x @ M) @ M.T
     assert float(h.project(inside).norm() / inside.norm()) <= 1e-2
-    delta = torch.randn(32, 10, generator=_gen(13))
+    delta = torch.randn(32, 10, generator=gen(13))
     G = delta.T @ x
     assert float((delta.T @ h.project(x) - h.project(G)).abs().max()) <= 1e-4
     assert float((h.project(G) @ h.old.T).abs().max()) <= 1e-2 * float(G.abs().max())
@@ -141,16 +140,16 @@ def test_projection_removes_the_learned_component(learned):
 
 def test_rows_are_capped_and_the_state_round_trips():
     h = HebbianSubspace(6, lr=0.01)
-    assert h.add_rows(4, generator=_gen(0)) == 4
+    assert h.add_rows(4, generator=gen(0)) == 4
     assert h.orthonormality_error() < 1e-6  # orthogonal_ initialisation
     h.merge()
-    assert h.add_rows(5, generator=_gen(1), orthogonal_to_old=True) == 2  # capped at d = 6
+    assert h.add_rows(5, generator=gen(1), orthogonal_to_old=True) == 2  # capped at d = 6
     assert float((h.new @ h.old.T).abs().max()) < 1e-6
     assert h.add_rows(1) == 0
-    h.step(torch.randn(8, 6, generator=_gen(2)))
+    h.step(torch.randn(8, 6, generator=gen(2)))
     clone = HebbianSubspace(6, lr=0.01)
     clone.load_state_dict(h.state_dict())
-    x = torch.randn(8, 6, generator=_gen(3))
+    x = torch.randn(8, 6, generator=gen(3))
     h.step(x)
     clone.step(x)
     assert torch.equal(h.weight, clone.weight) and clone.n_old == 4

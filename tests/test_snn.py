@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import run_config
+from helpers import gen, run_config
 
 from clbench.config import ConfigError, ModelConfig
 from clbench.experiment import run
@@ -19,8 +19,6 @@ from clbench.subspace import LayerProjector, collect_layer_inputs, threshold_bas
 F64 = torch.float64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------------- DSR
@@ -129,7 +127,7 @@ def _net(neuron: str = "dsr", multi_head: bool = False, steps: int = 5, hidden: 
 
 
 def _inputs(n: int, scale: float = 3.0, seed: int = 1) -> torch.Tensor:
-    return scale * torch.rand(n, 2, 4, 4, generator=_gen(seed))
+    return scale * torch.rand(n, 2, 4, 4, generator=gen(seed))
 
 
 @pytest.mark.parametrize("neuron", ["dsr", "bptt"])
@@ -138,7 +136,7 @@ def test_spiking_mlp_shapes_readout_and_gradients(neuron):
     with torch.no_grad():  # strong enough that some DSR inputs saturate (r_in > τV_th/Δt), so ∂L/∂V_th ≠ 0
         net.hidden[1].weight.mul_(4.0)
     x = _inputs(6, scale=20.0)
-    y, t = torch.randint(0, 5, (6,), generator=_gen(2)), torch.zeros(6, dtype=torch.long)
+    y, t = torch.randint(0, 5, (6,), generator=gen(2)), torch.zeros(6, dtype=torch.long)
     s = net.spikes(x)
     assert s.shape == (6, 5, 16)
     spike = 1.0 if neuron == "bptt" else 0.3 / 0.05  # 0/1, or V_th/Δt for DSR
@@ -200,7 +198,7 @@ def test_recorded_inputs_are_what_a_projection_must_protect(neuron):
         moved = _net(neuron, steps=4).double()
         moved.load_state_dict(net.state_dict())
         for name, layer in moved.protected_layers().items():
-            g = torch.randn(layer.weight.shape, generator=_gen(len(name)), dtype=F64)
+            g = torch.randn(layer.weight.shape, generator=gen(len(name)), dtype=F64)
             if project:
                 g = LayerProjector(layer, threshold_basis(reps[name], 1.0, rule="paper")).project(g)
             with torch.no_grad():

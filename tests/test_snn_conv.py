@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_config
+from helpers import gen, run_config
 from torch import Tensor, nn
 
 from clbench.config import ConfigError, ModelConfig
@@ -33,8 +33,6 @@ RESNET_ORDER = ["conv1", "layers.0.conv1", "layers.0.conv2", "layers.1.conv1", "
                 "layers.6.conv1", "layers.6.conv2", "layers.6.downsample", "layers.7.conv1", "layers.7.conv2"]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _cnn(neuron: str = "dsr", multi_head: bool = False, steps: int = 3, channels: tuple[int, ...] = (4, 6, 8),
@@ -54,14 +52,14 @@ def _resnet(neuron: str = "dsr", multi_head: bool = False, steps: int = 2, nf: i
 
 
 def _images(n: int, size: int = 8, seed: int = 1) -> Tensor:
-    return torch.randn(n, 3, size, size, generator=_gen(seed))
+    return torch.randn(n, 3, size, size, generator=gen(seed))
 
 
 # ------------------------------------------------------------------------------------ time-distributed layers
 
 
 def test_time_distributed_layers_fold_time_into_the_batch():
-    x = torch.randn(2, 3, 4, 6, 6, generator=_gen(0))  # (B, T, C, H, W)
+    x = torch.randn(2, 3, 4, 6, 6, generator=gen(0))  # (B, T, C, H, W)
     x[:, 1] += 5.0  # step 1 has another mean: BN statistics must pool the steps, not normalise each
     conv = TimeConv2d(4, 5, 3, stride=2, padding=1)
     seen: list[tuple[int, ...]] = []
@@ -172,13 +170,13 @@ def test_what_each_layer_receives():
 
     block = res.layers[1]
     assert isinstance(block, SpikingBasicBlock) and block.downsample is None
-    h = torch.randn(2, 2, 4, 8, 8, generator=_gen(3))
+    h = torch.randn(2, 2, 4, 8, 8, generator=gen(3))
     out2: list[Tensor] = []
     block.conv2.register_forward_hook(lambda _m, _a, o: out2.append(o))
     torch.testing.assert_close(block(h), out2[0] + h)
     first = res.layers[0]  # after the stem its input is 4-D, constant over time: added at every step
     assert isinstance(first, SpikingBasicBlock) and first.downsample is None
-    h4 = torch.randn(2, 4, 8, 8, generator=_gen(4))
+    h4 = torch.randn(2, 4, 8, 8, generator=gen(4))
     first.conv2.register_forward_hook(lambda _m, _a, o: out2.append(o))
     torch.testing.assert_close(first(h4), out2[1] + h4.unsqueeze(1))
 
@@ -200,7 +198,7 @@ def test_layer_input_matrix_of_a_time_distributed_conv():
     sample n', step t at position l, and W.view(out, −1) @ R reproduces the conv's output at every step."""
     n, T = 2, 3
     conv = TimeConv2d(4, 5, 3, stride=2, padding=1, bias=False)
-    x = torch.randn(n, T, 4, 6, 6, generator=_gen(5))
+    x = torch.randn(n, T, 4, 6, 6, generator=gen(5))
     R = layer_input_matrix(conv, x)
     L = 9
     assert R.shape == (4 * 9, n * T * L)
@@ -212,7 +210,7 @@ def test_layer_input_matrix_of_a_time_distributed_conv():
     out = (conv.weight.view(5, -1) @ R).view(5, n, T, 3, 3).permute(1, 2, 0, 3, 4)
     torch.testing.assert_close(out, conv(x).detach())
     lin = nn.Linear(4, 2)
-    z = torch.randn(n, T, 4, generator=_gen(6))
+    z = torch.randn(n, T, 4, generator=gen(6))
     assert torch.equal(layer_input_matrix(lin, z), z.reshape(n * T, 4).t())
 
 
@@ -255,7 +253,7 @@ def test_rate_is_the_readout_mean_over_time(neuron):
     T = 4
     for net in (_cnn(neuron, steps=T), _resnet(neuron, steps=T)):
         assert isinstance(net, SpikingClassifier) and net.timed_rank == 5
-        a = torch.rand(2, T, 3, 5, 5, generator=_gen(7))
+        a = torch.rand(2, T, 3, 5, 5, generator=gen(7))
         if neuron == "dsr":
             w = torch.tensor([math.exp(-(T - s) * 0.05 / 1.0) for s in range(1, T + 1)])
         else:
@@ -295,7 +293,7 @@ def test_updates_orthogonal_to_the_recorded_inputs_keep_old_outputs(kind):
         return SpikingResNet18((3, 4, 4), (5,), False, 5, time_steps=6, neuron=DSRNeuron, nf=32).double()
 
     net = make()
-    x, t = 3.0 * torch.randn(1, 3, 4, 4, generator=_gen(8), dtype=F64), torch.zeros(1, dtype=torch.long)
+    x, t = 3.0 * torch.randn(1, 3, 4, 4, generator=gen(8), dtype=F64), torch.zeros(1, dtype=torch.long)
     layers = net.protected_layers()
     with torch.no_grad():
         reps = collect_layer_inputs(net, layers, lambda: net(x, t))
@@ -306,7 +304,7 @@ def test_updates_orthogonal_to_the_recorded_inputs_keep_old_outputs(kind):
         moved = make()
         moved.load_state_dict(net.state_dict())
         for i, (name, layer) in enumerate(moved.protected_layers().items()):
-            g = torch.randn(layer.weight.shape, generator=_gen(100 + i), dtype=F64)
+            g = torch.randn(layer.weight.shape, generator=gen(100 + i), dtype=F64)
             if project:
                 g = LayerProjector(layer, threshold_basis(reps[name], 1.0, rule="paper")).project(g)
                 assert float(g.norm()) > 0.1, name  # a real update in every layer
@@ -333,7 +331,7 @@ def test_models_build_from_config_for_a_32x32_stream():
     assert [c.out_channels for c in cnn.convs] == [64, 128, 256] and isinstance(cnn.neurons[0], DSRNeuron)
     std = float(cnn.convs[2].weight.detach().std())
     assert std == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.03)  # the official He fan-out init
-    x = torch.randn(2, 3, 32, 32, generator=_gen(9))
+    x = torch.randn(2, 3, 32, 32, generator=gen(9))
     with torch.no_grad():
         assert cnn(x, torch.zeros(2, dtype=torch.long)).shape == (2, 10)
     res = build_model(ModelConfig(name="snn_resnet18", time_steps=2, neuron="bptt", tau=3.0), spec)

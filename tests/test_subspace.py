@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gen
 from torch import Tensor, nn
 
 from clbench.subspace import (
@@ -26,18 +27,16 @@ from clbench.subspace import (
 torch.set_num_threads(1)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _orthonormal(d: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, k, generator=_gen(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen(seed), dtype=torch.float64))
     return q.to(dtype)
 
 
 def _activations(d: int, n: int, seed: int = 0, rank: int = 32) -> Tensor:
     """ReLU of a low-rank product plus noise: a decaying spectrum like real layer inputs."""
-    g = _gen(seed)
+    g = gen(seed)
     r = min(d, n, rank)
     scale = torch.logspace(0, -2, r, dtype=torch.float64)
     a = torch.randn(d, r, generator=g, dtype=torch.float64) * scale
@@ -62,7 +61,7 @@ def _rel_overlap(g: Tensor, M: Tensor) -> float:
 def test_gradient_form_orthogonal_idempotent(k: int) -> None:
     lin = nn.Linear(100, 30, bias=False)
     M = _orthonormal(100, k, seed=k)
-    lin.weight.grad = torch.randn(30, 100, generator=_gen(1))
+    lin.weight.grad = torch.randn(30, 100, generator=gen(1))
     g0 = lin.weight.grad.clone()
     proj = LayerProjector(lin, M, form="gradient")
     proj.project_()
@@ -77,7 +76,7 @@ def test_gradient_form_orthogonal_idempotent(k: int) -> None:
 def test_complement_path_equals_direct_path() -> None:
     d, k = 64, 50
     M = _orthonormal(d, k, seed=3, dtype=torch.float64)
-    g = torch.randn(7, d, generator=_gen(4), dtype=torch.float64)
+    g = torch.randn(7, d, generator=gen(4), dtype=torch.float64)
     lin = nn.Linear(d, 7).double()
     proj = LayerProjector(lin, M, form="gradient")
     direct = g - (g @ M) @ M.T
@@ -89,7 +88,7 @@ def test_complement_path_equals_direct_path() -> None:
 
 def test_conv_gradient_form_orthogonal() -> None:
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-    x = torch.randn(4, 3, 8, 8, generator=_gen(0))
+    x = torch.randn(4, 3, 8, 8, generator=gen(0))
     R = layer_input_matrix(conv, x)
     M = threshold_basis(R, 0.9)
     assert 0 < M.shape[1] < 27
@@ -105,8 +104,8 @@ def test_conv_gradient_form_orthogonal() -> None:
 def test_input_form_matches_gradient_form(k: int) -> None:
     d, out, batch = 100, 40, 10
     M = _orthonormal(d, k, seed=k)
-    x = torch.randn(batch, d, generator=_gen(5))
-    t = torch.randn(batch, out, generator=_gen(6))
+    x = torch.randn(batch, d, generator=gen(5))
+    t = torch.randn(batch, out, generator=gen(6))
 
     def run(lin: nn.Linear, xin: Tensor) -> None:
         F.mse_loss(lin(xin), t).backward()
@@ -146,7 +145,7 @@ def test_input_form_matches_gradient_form(k: int) -> None:
 def test_input_form_extra_leading_dims() -> None:
     d, out = 16, 12
     M = _orthonormal(d, 5, seed=2)
-    x = torch.randn(3, 4, d, generator=_gen(1))
+    x = torch.randn(3, 4, d, generator=gen(1))
     lin = nn.Linear(d, out)
     ref = nn.Linear(d, out)
     ref.load_state_dict(lin.state_dict())
@@ -173,7 +172,7 @@ def test_auto_form_and_empty_basis() -> None:
     empty = LayerProjector(lin, torch.zeros(784, 0), form="input")
     empty.attach()
     assert "forward" not in lin.__dict__
-    g = torch.randn(100, 784, generator=_gen(0))
+    g = torch.randn(100, 784, generator=gen(0))
     assert torch.equal(empty.project(g), g)
     assert empty.rank == 0 and empty.dim == 784
 
@@ -190,7 +189,7 @@ def test_energy_rank_rules() -> None:
     assert energy_rank(sv2, 0.9, total=200.0, already=190.0, rule="paper") == 0
     assert energy_rank(sv2, 0.9, total=200.0, already=100.0, rule="paper") == 2  # 100+50+30 = 180
     assert energy_rank(sv2, 1.0, rule="paper") == 4
-    R = torch.randn(8, 20, generator=_gen(0))
+    R = torch.randn(8, 20, generator=gen(0))
     assert threshold_basis(R, 0.0, rule="paper").shape == (8, 0)  # ε = 0: empty memory (GPM test 6.6)
     assert threshold_basis(R, 0.0, rule="code").shape == (8, 0)
     with pytest.raises(ValueError, match="rule"):
@@ -213,7 +212,7 @@ def test_threshold_basis_energy_minimal(shape: tuple[int, int]) -> None:
 def test_known_subspace_recovered() -> None:
     d, n = 20, 200
     S = _orthonormal(d, 3, seed=7, dtype=torch.float64)
-    R = S @ torch.randn(3, n, generator=_gen(8), dtype=torch.float64)
+    R = S @ torch.randn(3, n, generator=gen(8), dtype=torch.float64)
     for method in ("svd", "gram", "auto"):
         M = threshold_basis(R, 1.0, rule="paper", method=method)
         assert M.shape[1] == 3, method
@@ -262,7 +261,7 @@ def test_extend_basis() -> None:
     # already satisfied → unchanged
     assert extend_basis(M2, R1, eps) is M2
     # columns never exceed d nor max_dim
-    Rfull = torch.randn(d, 500, generator=_gen(9))
+    Rfull = torch.randn(d, 500, generator=gen(9))
     assert extend_basis(M2, Rfull, 1.0, rule="paper").shape[1] <= d
     assert extend_basis(M2, Rfull, 1.0, rule="paper", max_dim=M2.shape[1] + 2).shape[1] == M2.shape[1] + 2
 
@@ -270,7 +269,7 @@ def test_extend_basis() -> None:
 def test_basis_union() -> None:
     S = _orthonormal(30, 6, seed=11, dtype=torch.float64)
     A, B = S[:, :4], S[:, 2:]  # overlapping spans, union = span(S)
-    U = basis_union([A, B @ torch.randn(4, 4, generator=_gen(1), dtype=torch.float64)])
+    U = basis_union([A, B @ torch.randn(4, 4, generator=gen(1), dtype=torch.float64)])
     assert U.shape == (30, 6)
     assert _ortho_err(U) < 1e-10
     assert float(principal_angles(U, S).max()) < 1e-8
@@ -285,7 +284,7 @@ def test_basis_union() -> None:
 @pytest.mark.parametrize("padding", [0, 1, 2])
 def test_unfolding_matches_conv2d(stride: int, padding: int) -> None:
     conv = nn.Conv2d(3, 5, (3, 2), stride=stride, padding=padding, bias=False).double()
-    x = torch.randn(2, 3, 9, 8, generator=_gen(0), dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 8, generator=gen(0), dtype=torch.float64)
     y = F.conv2d(x, conv.weight, stride=stride, padding=padding)
     R = layer_input_matrix(conv, x)
     n, out, h, w = y.shape
@@ -297,7 +296,7 @@ def test_unfolding_matches_conv2d(stride: int, padding: int) -> None:
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_unfolding_same_padding_and_errors() -> None:
     conv = nn.Conv2d(2, 4, 4, padding="same", bias=False).double()
-    x = torch.randn(2, 2, 7, 7, generator=_gen(0), dtype=torch.float64)
+    x = torch.randn(2, 2, 7, 7, generator=gen(0), dtype=torch.float64)
     y = conv(x)
     y2 = (conv.weight.view(4, -1) @ layer_input_matrix(conv, x)).view(4, 2, 7, 7).transpose(0, 1)
     torch.testing.assert_close(y2, y, atol=1e-12, rtol=0)
@@ -315,7 +314,7 @@ def test_unfolding_same_padding_and_errors() -> None:
 def test_zero_interference_single_layer() -> None:
     torch.manual_seed(0)
     d, out = 20, 5
-    g = _gen(0)
+    g = gen(0)
     basis1 = _orthonormal(d, 6, seed=1, dtype=torch.float64)  # task-1 inputs live in a 6-d subspace
     x1 = torch.randn(200, 6, generator=g, dtype=torch.float64) @ basis1.T
     y1 = torch.randn(200, out, generator=g, dtype=torch.float64)
@@ -365,7 +364,7 @@ def test_principal_angles_known() -> None:
     assert ang.shape == (2,)
     assert abs(float(ang[0]) - 1e-6) < 1e-6 * 1e-8 + 1e-15
     assert abs(float(ang[1]) - 0.1) < 1e-8 * 0.1
-    mix = torch.randn(2, 2, generator=_gen(0), dtype=torch.float64)
+    mix = torch.randn(2, 2, generator=gen(0), dtype=torch.float64)
     assert float(principal_angles(A, A @ mix).max()) < 1e-12
     # orthogonal and different dimensions: min(rank) angles
     ang = principal_angles(Q[:, :3], Q[:, 3:])
@@ -378,7 +377,7 @@ def test_principal_angles_known() -> None:
 
 def test_collect_layer_inputs_hooks_and_samples() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    x = torch.randn(6, 1, 6, 6, generator=_gen(0))
+    x = torch.randn(6, 1, 6, 6, generator=gen(0))
     layers = {"conv": model[0], "fc": model[2]}
 
     def run() -> None:
@@ -431,7 +430,7 @@ def test_cuda_matches_cpu() -> None:
 
 def test_empty_memory_after_first_task_counts_like_eq9() -> None:
     """Official GPM: a layer that kept 0 columns on task 1 still takes the Eq. 9 path (paper count) later."""
-    U = torch.linalg.qr(torch.randn(6, 3, generator=_gen(3), dtype=torch.float64))[0]
+    U = torch.linalg.qr(torch.randn(6, 3, generator=gen(3), dtype=torch.float64))[0]
     R = U * torch.tensor([60.0, 30.0, 10.0], dtype=torch.float64).sqrt()  # σ² = [60, 30, 10]
     assert extend_basis(None, R, 0.5, rule="code").shape[1] == 0  # #{ratio < 0.5} = 0
     assert extend_basis(torch.zeros(6, 0, dtype=torch.float64), R, 0.5, rule="code").shape[1] == 1

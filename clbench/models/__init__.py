@@ -22,28 +22,16 @@ def _mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel
                bias=cfg.bias, dropout=cfg.dropout)
 
 
-def _image_shape(cfg: ModelConfig, spec: StreamSpec) -> tuple[int, int, int]:
-    """The stream's (C, H, W); a flat stream cannot feed a conv net."""
-    if len(spec.input_shape) != 3:
-        raise ValueError(f"model.name={cfg.name} needs image inputs of shape (C, H, W), but benchmark "
-                         f"'{spec.name}' gives input_shape {tuple(spec.input_shape)}; use an image stream or "
-                         "model=mlp")
-    c, h, w = spec.input_shape
-    return c, h, w
-
-
 def _alexnet(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    shape = _image_shape(cfg, spec)
     try:
-        return AlexNet(shape, spec.classes_per_task, multi_head, spec.n_classes, bias=cfg.bias)
+        return AlexNet(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes, bias=cfg.bias)
     except ValueError as e:
         raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
 
 
 def _resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    shape = _image_shape(cfg, spec)
     try:
-        return ResNet18(shape, spec.classes_per_task, multi_head, spec.n_classes, nf=cfg.width,
+        return ResNet18(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes, nf=cfg.width,
                         stem_stride=cfg.stem_stride, bias=cfg.bias)
     except ValueError as e:
         raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
@@ -65,19 +53,17 @@ def _snn_mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualM
 
 
 def _snn_cnn(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    shape = _image_shape(cfg, spec)
     try:
-        return SpikingCNN(shape, spec.classes_per_task, multi_head, spec.n_classes, time_steps=cfg.time_steps,
-                          neuron=_neuron_factory(cfg), channels=list(cfg.channels), bias=cfg.bias,
-                          bn_running_stats=cfg.bn_running_stats)
+        return SpikingCNN(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes,
+                          time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), channels=list(cfg.channels),
+                          bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
     except ValueError as e:
         raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
 
 
 def _snn_resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    shape = _image_shape(cfg, spec)
     try:
-        return SpikingResNet18(shape, spec.classes_per_task, multi_head, spec.n_classes,
+        return SpikingResNet18(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes,
                                time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), nf=cfg.width,
                                stem_stride=cfg.stem_stride, bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
     except ValueError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clbench.models.base import Classifier
+from clbench.models.base import Classifier, image_shape
 
 GPM_SAMPLES: list[int] = [24, 100, 100, 125, 125]
 """GPM's per-layer n_s for conv1, conv2, conv3, fc1, fc2 (protected order) on CIFAR-100: of the 125 samples
@@ -53,12 +53,10 @@ class AlexNet(Classifier):
     def __init__(self, input_shape: tuple[int, ...], classes_per_task: tuple[int, ...], multi_head: bool,
                  n_classes: int, bias: bool = False, hidden: int = 2048,
                  dropout: tuple[float, ...] = DROPOUT) -> None:
-        if len(input_shape) != 3:
-            raise ValueError(f"AlexNet needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
         if len(dropout) != 5:
             raise ValueError(f"AlexNet needs 5 dropout rates (conv1-3, fc1, fc2), got {len(dropout)}")
         super().__init__(hidden, classes_per_task, multi_head, n_classes, bias)
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = image_shape("AlexNet", input_shape)
         channels, h, w = self.input_shape
         for _, k in CONVS:
             h, w = conv_out(h, k) // 2, conv_out(w, k) // 2

@@ -8,6 +8,19 @@ from torch import nn
 Batch = tuple[torch.Tensor, ...]
 
 
+def image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``input_shape`` as (C, H, W) for the conv net ``name``.
+
+    Raises:
+        ValueError: the stream's samples are not images (e.g. a flat stream for a conv net).
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} needs image inputs (C, H, W), got input_shape {tuple(input_shape)}; use an "
+                         "image stream or model=mlp")
+    c, h, w = (int(s) for s in input_shape)
+    return c, h, w
+
+
 class ContinualModel(nn.Module):
     """A network that knows its own loss and prediction on a batch ``(x, y, t)``.
 

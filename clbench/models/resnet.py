@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.models.base import Classifier
+from clbench.models.base import Classifier, image_shape
 
 GPM_SAMPLES: list[int] = [10, 10, 10, 10, 10, 10, 10, 10, 10, 50, 50, 50, 50, 100, 100, 100, 100, 100, 100, 100]
 """GPM's per-layer n_s for the 20 protected convs, in :meth:`ResNet18.protected_layers` order (5-Datasets).
@@ -90,9 +90,7 @@ class ResNet18(Classifier):
 
     def __init__(self, input_shape: tuple[int, ...], classes_per_task: tuple[int, ...], multi_head: bool,
                  n_classes: int, nf: int = 20, stem_stride: int = 1, bias: bool = False) -> None:
-        if len(input_shape) != 3:
-            raise ValueError(f"ResNet18 needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
-        shape = tuple(int(s) for s in input_shape)
+        shape = image_shape("ResNet18", input_shape)
         channels, h, w = shape
         strides = (1, 2, 2, 2)
         for s in (stem_stride, *strides):  # 3×3, padding 1 (the 1×1 shortcut gives the same size)

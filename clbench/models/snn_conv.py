@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from clbench.models.base import image_shape
 from clbench.models.snn import SpikingClassifier, SpikingNeuron
 
 __all__ = ["CNN_CHANNELS", "SpikingBasicBlock", "SpikingCNN", "SpikingResNet18", "TimeAvgPool2d",
@@ -90,13 +91,6 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    if len(input_shape) != 3:
-        raise ValueError(f"{name} needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
-    c, h, w = (int(s) for s in input_shape)
-    return c, h, w
-
-
 class SpikingCNN(SpikingClassifier):
     """HLOP's spiking CNN (CIFAR-100): ``len(channels)`` stages [``convs.i`` 3×3 (padding 1) → ``bns.i`` →
     ``neurons.i`` spiking → 2×2 average pool], flatten, head(s) on the readout rate.
@@ -130,7 +124,7 @@ class SpikingCNN(SpikingClassifier):
                  n_classes: int, time_steps: int, neuron: Callable[[], SpikingNeuron],
                  channels: tuple[int, ...] | list[int] = CNN_CHANNELS, bias: bool = False,
                  bn_running_stats: bool = False) -> None:
-        shape = _image_shape("SpikingCNN", input_shape)
+        shape = image_shape("SpikingCNN", input_shape)
         if not channels:
             raise ValueError("SpikingCNN needs at least one conv stage (channels)")
         if time_steps < 1:
@@ -251,7 +245,7 @@ class SpikingResNet18(SpikingClassifier):
     def __init__(self, input_shape: tuple[int, ...], classes_per_task: tuple[int, ...], multi_head: bool,
                  n_classes: int, time_steps: int, neuron: Callable[[], SpikingNeuron], nf: int = 20,
                  stem_stride: int = 1, bias: bool = False, bn_running_stats: bool = False) -> None:
-        shape = _image_shape("SpikingResNet18", input_shape)
+        shape = image_shape("SpikingResNet18", input_shape)
         if stem_stride not in (1, 2):
             raise ValueError(f"SpikingResNet18: stem_stride must be 1 (3×3 stem) or 2 (5×5 stem), got {stem_stride}")
         if time_steps < 1:
