@@ -34,7 +34,7 @@ from clbench.federated.flower_app import (
     encode_to_client,
     load_config,
 )
-from clbench.federated.flower_launch import write_app
+from clbench.federated.flower_launch import absolute_paths, write_app
 from clbench.federated.messages import FromClient, ToClient
 
 TINY = ("benchmark=permuted_digits", "benchmark.n_tasks=2", "engine.lr=0.1", "engine.batch_size=16",
@@ -88,6 +88,23 @@ def test_written_app_is_a_valid_flower_app(tmp_path: Path) -> None:
     assert ok, errors
     assert len(build_fab_from_disk(app)) > 0
     assert load_config(config["tool"]["flwr"]["app"]["config"][CONFIG_KEY]).strategy.name == "fedavg"
+
+
+def test_paths_are_made_absolute_for_flowers_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's ServerApp and ClientApps do not run in the submitting directory: relative paths become absolute,
+    a tracking server's URI stays as it is."""
+    monkeypatch.chdir(tmp_path)
+    cfg = run_config(tmp_path, *TINY, "strategy=fedavg")
+    rel = dataclasses.replace(cfg, checkpoint_dir="ckpt",
+                              tracking=dataclasses.replace(cfg.tracking, uri="sqlite:///mlflow.db",
+                                                           artifact_root="art"),
+                              benchmark=dataclasses.replace(cfg.benchmark, data_root="data"))
+    out = absolute_paths(rel)
+    assert out.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db" and out.tracking.artifact_root == f"{tmp_path}/art"
+    assert (out.benchmark.data_root, out.checkpoint_dir) == (f"{tmp_path}/data", f"{tmp_path}/ckpt")
+    server = dataclasses.replace(rel, tracking=dataclasses.replace(rel.tracking, uri="http://mlflow:5000",
+                                                                   artifact_root="s3://bucket/art"))
+    assert absolute_paths(server).tracking == server.tracking
 
 
 class LocalGrid:

@@ -157,7 +157,7 @@ def write_app(directory: Path, cfg: RunConfig) -> Path:
     return directory
 
 
-def _absolute(cfg: RunConfig) -> RunConfig:
+def absolute_paths(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its relative paths made absolute: Flower's processes do not run in this directory."""
 
     def sqlite(uri: str) -> str:
@@ -204,7 +204,7 @@ def launch(cfg: RunConfig) -> RunResult:
     federation ``federated.flower_federation``; return what the ServerApp's run produced."""
     from clbench.experiment import RunResult
 
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     with tempfile.TemporaryDirectory(prefix="clbench-flower-") as tmp:
         app = write_app(Path(tmp) / "app", cfg)
         if cfg.federated.flower_federation is not None:
