@@ -285,6 +285,21 @@ def test_the_partition_key_chooses_the_split(tmp_path: Path) -> None:
     assert top[0] > 0.6 and top[1] < 0.2, top
 
 
+def test_clients_without_samples_are_never_sampled(tmp_path: Path) -> None:
+    """A Dirichlet split with a small α leaves some clients without a sample of a task: the round samples only
+    the holders and builds no batch source for the others (an empty one is an error)."""
+    from clbench.experiment import setup
+    from clbench.federated.loop import split_task
+
+    cfg = run_config(tmp_path, "strategy=fedavg", "benchmark=permuted_digits", "benchmark.n_tasks=1",
+                     "federated.clients=40", "federated.per_round=40", "federated.rounds_per_task=1",
+                     "federated.partition=dirichlet", "federated.alpha=0.01")
+    ctx, _ = setup(cfg)
+    sizes = [p.numel() for p in split_task(ctx, cfg.federated, 0)]
+    assert 0 in sizes and sum(sizes) == len(ctx.stream.benchmark.train_stream[0].dataset)
+    assert np.isfinite(run(cfg).R).all()  # the run completes (building an empty client's source raised)
+
+
 @pytest.fixture(scope="module")
 def composed() -> dict[str, DictConfig]:
     """The composed configs of FOT and GPM on permuted digits (composing once per test costs ~0.5 s)."""

@@ -118,12 +118,15 @@ class InProcessClients:
 
     def __init__(self, ctx: Context, engine: Engine, strategy: FedAvg, parts: Sequence[Sequence[Tensor]]) -> None:
         self.ctx, self.engine, self.strategy, self.parts = ctx, engine, strategy, parts
-        self._task, self._sources = -1, {}
+        self._task: int = -1
+        self._sources: dict[int, BatchSource] = {}
 
     def exchange(self, msg: ToClient, clients: Sequence[int]) -> list[FromClient]:
-        if msg.task != self._task:  # the batch sources of the task's clients, built once per task
-            self._task = msg.task
-            self._sources = {k: client_source(self.ctx, msg.task, part) for k, part in enumerate(self.parts[msg.task])}
+        if msg.task != self._task:  # a client's batch source is built once per task, when first sampled
+            self._task, self._sources = msg.task, {}
+        for k in clients:
+            if k not in self._sources:
+                self._sources[k] = client_source(self.ctx, msg.task, self.parts[msg.task][k])
         return [run_client(k, msg, self._sources[k], self.ctx, self.engine, self.strategy) for k in clients]
 
 
@@ -133,7 +136,7 @@ class FederatedLoop:
     Args:
         cfg: the federated setting.
         engine_cfg: the clients' optimizer settings (``epochs`` is replaced by ``cfg.local_epochs``).
-        ctx: the run's context; its module holds θ_0 and serves every client in turn.
+        ctx: the run's context; its module holds θ_0 (and serves every client in turn in-process).
         strategy: a federated strategy (:class:`strategies.fedavg.FedAvg` or a subclass), already set up.
         clients: the transport to the clients (None: :class:`InProcessClients`).
 
