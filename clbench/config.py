@@ -409,7 +409,11 @@ def _check_federated(run: RunConfig, federated: bool) -> None:
     if f.engine == "flower":
         _check(importlib.util.find_spec("flwr") is not None, "federated.engine",
                "'flower' needs Flower: pip install -c constraints.txt -e '.[flower]'")
-    _check(f.flower_timeout > 0, "federated.flower_timeout", f"{f.flower_timeout}; must be > 0")
+    _check(math.isfinite(f.flower_timeout) and f.flower_timeout > 0, "federated.flower_timeout",
+           f"{f.flower_timeout}; must be a finite number of seconds > 0")
+    _check(f.flower_federation is None or (f.engine == "flower" and f.flower_federation.strip() != ""),
+           "federated.flower_federation", f"'{f.flower_federation}'; a federation of $FLWR_HOME/config.toml for "
+           "federated.engine=flower, or null (a local federation)")
     _check(f.clients >= 1, "federated.clients", f"{f.clients}; must be >= 1")
     _check(1 <= f.per_round <= f.clients, "federated.per_round", f"{f.per_round}; must be in [1, federated.clients]")
     rounds_per_task(f.rounds_per_task, run.benchmark.n_tasks)

@@ -133,7 +133,8 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     if strategy.federated and cfg.federated.engine == "flower" and clients is None:
         from clbench.federated.flower_launch import launch
 
-        split_task(ctx, cfg.federated, 0)  # too many clients is a config error here, before any process starts
+        for task in range(ctx.n_experiences):  # a task that cannot be split is a config error here, before Flower
+            split_task(ctx, cfg.federated, task)
         return launch(cfg)
     model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
     spec = stream.spec

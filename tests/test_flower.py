@@ -57,13 +57,13 @@ def _same(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) 
 @pytest.mark.parametrize("request_arrays", [None, {}, {"fc.0": torch.eye(4, 2, dtype=torch.float64)}])
 def test_messages_cross_flower_records_bit_for_bit(request_arrays: dict[str, torch.Tensor] | None) -> None:
     msg = ToClient(task=2, round=17, state=_state(), request=request_arrays, train=False, peers=(0, 3, 4))
-    back = decode_to_client(encode_to_client(msg))
+    back = decode_to_client(encode_to_client(msg), torch.device("cpu"))
     assert (back.task, back.round, back.train, back.peers) == (2, 17, False, (0, 3, 4))
     assert _same(back.state, msg.state) and _same(back.request, msg.request)
     for reply in (FromClient(4, _state(), {"y": torch.ones(2, 2, dtype=torch.float64)}, 0.25),
                   FromClient(1, None, {"y": torch.zeros(1, dtype=torch.float64)}, None),
                   FromClient(0, _state(), None, 1.5)):
-        got = decode_from_client(encode_from_client(reply))
+        got = decode_from_client(encode_from_client(reply), torch.device("cpu"))
         assert got.client == reply.client and got.loss == reply.loss
         assert _same(got.state, reply.state) and _same(got.report, reply.report)
 
@@ -162,9 +162,9 @@ def test_flower_transport_gives_the_in_process_accuracy_matrix(tmp_path: Path) -
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(("ids", "fail", "pattern"), [
-    ([0, 0, 2], None, r"partition ids are \[0, 0, 2\].*each of 0…2 once"),
+    ([0, 0, 2], None, r"partition ids are \[0, 0, 2\] \(of num-partitions \[3\]\).*each of 0…2 once"),
     ([0, 1], None, r"2 SuperNodes connected.*federated.clients = 3"),
-    ([0, 1, 2], 101, r"node 101 failed on train \(task 0, round 0\): boom"),
+    ([0, 1, 2], 101, r"train \(task 0, round 0\) failed, error reply from node 101: boom"),
 ])
 def test_flower_transport_failures_name_the_cause(tmp_path: Path, ids: list[int], fail: int | None,
                                                   pattern: str) -> None:

@@ -311,6 +311,10 @@ def composed() -> dict[str, DictConfig]:
 @pytest.mark.parametrize(("strategy", "updates", "pattern"), [
     ("fot", {"federated.engine": "grpc"}, r"'federated.engine'.*\['inprocess', 'flower'\]"),
     ("fot", {"federated.flower_timeout": 0}, r"'federated.flower_timeout'.*> 0"),
+    ("fot", {"federated.flower_timeout": float("inf")}, r"'federated.flower_timeout'.*finite"),
+    ("fot", {"federated.flower_federation": "cluster"}, r"'federated.flower_federation'.*engine=flower"),
+    ("fot", {"federated.engine": "flower", "federated.flower_federation": " "},
+     r"'federated.flower_federation'.*or null"),
     ("fot", {"federated.clients": 0}, r"'federated.clients'.*>= 1"),
     ("fot", {"federated.per_round": 11}, r"'federated.per_round'.*\[1, federated.clients\]"),
     ("fot", {"federated.rounds_per_task": 0}, r"'federated.rounds_per_task'.*>= 1"),

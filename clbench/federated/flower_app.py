@@ -20,21 +20,24 @@ matrix (tests/test_flower.py):
 
 A message's content: ``state`` (θ or θ_k, an ArrayRecord), ``request`` / ``report`` (ArrayRecords, present when
 sent) and ``meta`` (a ConfigRecord: task, round, train, peers; client, loss). Arrays keep their dtypes and
-bits.
+bits; Flower hands them over on the CPU, and each end moves them to its device.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from clbench.federated.messages import FromClient, ToClient
 
@@ -58,11 +61,17 @@ def encode_to_client(msg: ToClient) -> RecordDict:
     return content
 
 
-def decode_to_client(content: RecordDict) -> ToClient:
+def _tensors(record: ArrayRecord, device: torch.device) -> dict[str, Tensor]:
+    """An ArrayRecord's arrays as tensors on ``device`` (Flower hands them over on the CPU)."""
+    return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+
+
+def decode_to_client(content: RecordDict, device: torch.device) -> ToClient:
+    """:func:`encode_to_client`'s message, its arrays on ``device`` (the client's)."""
     meta = content.config_records["meta"]
-    request = content.array_records["request"].to_torch_state_dict() if "request" in content else None
+    request = _tensors(content.array_records["request"], device) if "request" in content else None
     return ToClient(task=int(meta["task"]), round=int(meta["round"]),
-                    state=content.array_records["state"].to_torch_state_dict(), request=request,
+                    state=_tensors(content.array_records["state"], device), request=request,
                     train=bool(meta["train"]), peers=tuple(int(p) for p in meta["peers"]))
 
 
@@ -79,12 +88,13 @@ def encode_from_client(reply: FromClient) -> RecordDict:
     return content
 
 
-def decode_from_client(content: RecordDict) -> FromClient:
+def decode_from_client(content: RecordDict, device: torch.device) -> FromClient:
+    """:func:`encode_from_client`'s reply, its arrays on ``device`` (the server's)."""
     meta = content.config_records["meta"]
     arrays = content.array_records
     return FromClient(client=int(meta["client"]),
-                      state=arrays["state"].to_torch_state_dict() if "state" in arrays else None,
-                      report=arrays["report"].to_torch_state_dict() if "report" in arrays else None,
+                      state=_tensors(arrays["state"], device) if "state" in arrays else None,
+                      report=_tensors(arrays["report"], device) if "report" in arrays else None,
                       loss=float(meta["loss"]) if "loss" in meta else None)
 
 
@@ -123,31 +133,37 @@ class FlowerClients:
                                    f"flower_timeout = {self.timeout} s; the run needs federated.clients = {K}")
             time.sleep(0.5)
         hello = [Message(RecordDict(), dst_node_id=n, message_type=_HELLO) for n in nodes]
-        ids = {n: int(r.content.config_records["meta"]["partition-id"])
-               for n, r in self._replies(hello, "query.hello").items()}
-        if sorted(ids.values()) != list(range(K)):
-            raise RuntimeError(f"Flower engine: the SuperNodes' partition ids are {sorted(ids.values())}; the run "
-                               f"needs each of 0…{K - 1} once (--node-config \"partition-id=k num-partitions={K}\")")
+        metas = {n: r.content.config_records["meta"] for n, r in self._replies(hello, "query.hello").items()}
+        ids = {n: int(meta["partition-id"]) for n, meta in metas.items()}
+        counts = {int(meta["num-partitions"]) for meta in metas.values() if "num-partitions" in meta}
+        if sorted(ids.values()) != list(range(K)) or counts - {K}:
+            raise RuntimeError(f"Flower engine: the SuperNodes' partition ids are {sorted(ids.values())} (of "
+                               f"num-partitions {sorted(counts)}); the run needs each of 0…{K - 1} once "
+                               f"(--node-config \"partition-id=k num-partitions={K}\")")
         self.node = {k: n for n, k in ids.items()}
 
     def _replies(self, messages: list[Message], what: str) -> dict[int, Message]:
-        """Send ``messages`` and return the replies by sending node, raising on a failure or a missing one."""
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
-        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replies]
+        """Send ``messages`` and return the replies by sending node, raising on an error reply (a ClientApp's,
+        or the SuperLink's for a node it lost) or a missing one."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"Flower engine: {what} failed, error reply from node "
+                                   f"{reply.metadata.src_node_id}: {reply.error.reason}")
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in by_node]
         if missing:
             raise RuntimeError(f"Flower engine: nodes {missing} did not answer {what} within "
                                f"federated.flower_timeout = {self.timeout} s")
-        for node, reply in replies.items():
-            if reply.has_error():
-                raise RuntimeError(f"Flower engine: node {node} failed on {what}: {reply.error.reason}")
-        return replies
+        return by_node
 
     def exchange(self, msg: ToClient, clients: Sequence[int]) -> list[FromClient]:
         content = encode_to_client(msg)
         kind = _TRAIN if msg.train else _REPORT
         replies = self._replies([Message(content, dst_node_id=self.node[k], message_type=kind) for k in clients],
                                 f"{kind} (task {msg.task}, round {msg.round})")
-        return [decode_from_client(replies[self.node[k]].content) for k in clients]
+        device = next(iter(msg.state.values())).device if msg.state else torch.device("cpu")  # the server's θ
+        return [decode_from_client(replies[self.node[k]].content, device) for k in clients]
 
 
 server_app = ServerApp()
@@ -160,8 +176,10 @@ def _serve(grid: Grid, context: Context) -> None:
 
     cfg = load_config(str(context.run_config[CONFIG_KEY]))
     result = run(cfg, clients=FlowerClients(grid, cfg.federated))
-    print(RESULT_MARKER + json.dumps({"R": result.R.tolist(), "initial": result.initial.tolist(),
-                                      "scores": result.scores, "run_id": result.run_id}), flush=True)
+    line = RESULT_MARKER + json.dumps({"R": result.R.tolist(), "initial": result.initial.tolist(),
+                                       "scores": result.scores, "run_id": result.run_id})
+    sys.stdout.write(line + "\n")  # one write: the streamed log cannot interleave another thread's output
+    sys.stdout.flush()
 
 
 class _Client:
@@ -183,9 +201,14 @@ class _Client:
         source = client_source(self.ctx, msg.task, split_task(self.ctx, self.cfg.federated, msg.task)[client])
         return run_client(client, msg, source, self.ctx, self.engine, self.strategy)  # type: ignore[arg-type]
 
+    def decode(self, content: RecordDict) -> ToClient:
+        return decode_to_client(content, self.ctx.device)
+
 
 @functools.cache
-def _client(text: str) -> _Client:
+def client_for(text: str) -> _Client:
+    """The ClientApp's build of the run whose config is ``text`` (once per process: Flower's simulation runtime
+    reuses its processes; a SuperNode starts one per message)."""
     return _Client(text)
 
 
@@ -197,7 +220,8 @@ def _partition_id(context: Context) -> int:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    reply = _client(str(context.run_config[CONFIG_KEY])).reply(_partition_id(context), decode_to_client(msg.content))
+    client = client_for(str(context.run_config[CONFIG_KEY]))
+    reply = client.reply(_partition_id(context), client.decode(msg.content))
     return Message(encode_from_client(reply), reply_to=msg)
 
 
@@ -208,4 +232,7 @@ def _report(msg: Message, context: Context) -> Message:
 
 @client_app.query("hello")
 def _hello(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"meta": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+    meta = {"partition-id": _partition_id(context)}
+    if "num-partitions" in context.node_config:
+        meta["num-partitions"] = int(context.node_config["num-partitions"])
+    return Message(RecordDict({"meta": ConfigRecord(meta)}), reply_to=msg)

@@ -9,8 +9,8 @@ The federation is either
 
 * ``federated.flower_federation=null`` (default): a :class:`LocalFederation` — a SuperLink and K SuperNodes
   (``partition-id=k``) as real processes on 127.0.0.1 with free ports and a private ``FLWR_HOME``, started for
-  the run and stopped after it, in the run's own process groups (so Flower's ``flower-superexec`` and
-  ``flwr-clientapp`` children go with them); or
+  the run and stopped after it with every process they started (Flower's ``flower-superexec``,
+  ``flwr-serverapp`` and ``flwr-clientapp``, some in sessions of their own); or
 * a name from ``$FLWR_HOME/config.toml``: a SuperLink somewhere else whose SuperNodes the user started (the
   README's cluster recipe). Every node needs clbench installed (the app ships no code) and, in this stand-in,
   the benchmark's data; the tracking URI must be reachable from the SuperLink's host.
@@ -21,20 +21,20 @@ build of the stream and model (benchmarks/federated.py measures it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
+import psutil
 import tomli_w
 
 from clbench.federated.flower_app import CONFIG_KEY, RESULT_MARKER, config_text
@@ -60,22 +60,26 @@ def _env(home: Path | None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_listening(what: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until ``proc`` listens on ``port``; raise with its log's tail if it exits or takes too long."""
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the local Flower SuperLink exited with code {proc.returncode}:\n{_tail(log)}")
+            raise RuntimeError(f"the local Flower {what} exited with code {proc.returncode}:\n{_tail(log)}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"the local Flower SuperLink did not listen on 127.0.0.1:{port} within {_START_TIMEOUT} s:\n"
+    raise RuntimeError(f"the local Flower {what} did not listen on 127.0.0.1:{port} within {_START_TIMEOUT} s:\n"
                        f"{_tail(log)}")
 
 
@@ -102,18 +106,22 @@ class LocalFederation:
 
     def __enter__(self) -> LocalFederation:
         self.home.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port, *node_ports = _free_ports(1 + self.clients)
         (self.home / "config.toml").write_text(tomli_w.dumps(
             {"superlink": {LOCAL_FEDERATION: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
         try:
+            log = self.home / "superlink.log"
             link = self._start([_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                "--port", str(port)], self.home / "superlink.log")
-            _wait_listening(port, link, self.home / "superlink.log")
-            for k in range(self.clients):
-                self._start([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                             "--port", str(_free_port()),
-                             "--node-config", f"partition-id={k} num-partitions={self.clients}"],
-                            self.home / f"supernode-{k}.log")
+                                "--port", str(port)], log)
+            _wait_listening("SuperLink", port, link, log)
+            nodes = []
+            for k, node_port in enumerate(node_ports):
+                log = self.home / f"supernode-{k}.log"
+                nodes.append((node_port, log, self._start(
+                    [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+                     str(node_port), "--node-config", f"partition-id={k} num-partitions={self.clients}"], log)))
+            for k, (node_port, log, proc) in enumerate(nodes):
+                _wait_listening(f"SuperNode {k}", node_port, proc, log)
         except BaseException:
             self.stop()
             raise
@@ -123,17 +131,22 @@ class LocalFederation:
         self.stop()
 
     def stop(self) -> None:
-        """Terminate every process group started (SIGTERM, then SIGKILL after 10 s)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in self.procs:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-            deadline = time.monotonic() + 10
-            for proc in self.procs:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if all(p.poll() is not None for p in self.procs):
-                break
+        """Terminate the processes started and every descendant of theirs (SIGTERM, then SIGKILL after 10 s)."""
+        family: list[psutil.Process] = []
+        for proc in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(proc.pid)
+                family += [root, *root.children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for proc in self.procs:
+            proc.wait()  # reap
         self.procs.clear()
 
     def logs(self) -> str:
@@ -158,17 +171,17 @@ def write_app(directory: Path, cfg: RunConfig) -> Path:
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its relative paths made absolute: Flower's processes do not run in this directory."""
+    """``cfg`` with its relative paths made absolute: Flower's processes do not run in this directory (on a
+    remote federation the paths are this host's: use a tracking server there)."""
 
-    def sqlite(uri: str) -> str:
+    def store(uri: str) -> str:
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             return prefix + str(Path(uri[len(prefix):]).resolve())
-        return uri
+        return uri if ":" in uri else str(Path(uri).resolve())  # a URI as it is; a plain path (a file store)
 
     t = cfg.tracking
-    tracking = dataclasses.replace(t, uri=sqlite(t.uri), artifact_root=t.artifact_root if "://" in t.artifact_root
-                                   else str(Path(t.artifact_root).resolve()))
+    tracking = dataclasses.replace(t, uri=store(t.uri), artifact_root=store(t.artifact_root))
     benchmark = dataclasses.replace(cfg.benchmark, data_root=str(Path(cfg.benchmark.data_root).resolve()))
     return dataclasses.replace(cfg, tracking=tracking, benchmark=benchmark,
                                checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()))
@@ -186,13 +199,17 @@ def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] | None
     assert proc.stdout is not None
     echo = echo or sys.stdout
     result, lines = None, []
-    for line in proc.stdout:
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER):])
-            continue
-        echo.write(line)
-        lines = [*lines[-39:], line.rstrip()]
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            if (at := line.find(RESULT_MARKER)) >= 0:
+                result, _ = json.JSONDecoder().raw_decode(line[at + len(RESULT_MARKER):])
+                line = line[:at] + "\n" if at else ""
+            echo.write(line)
+            lines = [*lines[-39:], line.rstrip()]
+    finally:
+        if proc.poll() is None and result is None:  # interrupted, or the stream broke: stop the submission
+            proc.kill()
+        code = proc.wait()
     if code != 0 or result is None:
         raise RuntimeError(f"the Flower run on federation '{federation}' ended without a result (flwr run exit "
                            f"code {code}); its last lines:\n" + "\n".join(lines))
