@@ -25,13 +25,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -87,6 +89,10 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through LocalFederation.__exit__, which stops the processes
+
+
 class LocalFederation:
     """A SuperLink and ``clients`` SuperNodes on 127.0.0.1, as real processes, under ``home`` (their
     ``FLWR_HOME``, config and logs). Use as a context manager; :attr:`env` is the environment for ``flwr run``.
@@ -96,6 +102,7 @@ class LocalFederation:
         self.home, self.clients = home, clients
         self.procs: list[subprocess.Popen[bytes]] = []
         self.env = _env(home)
+        self._sigterm: Any = None
 
     def _start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:  # the child keeps its own descriptor
@@ -105,6 +112,8 @@ class LocalFederation:
         return proc
 
     def __enter__(self) -> LocalFederation:
+        if threading.current_thread() is threading.main_thread():  # a SIGTERM must still stop the federation
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.home.mkdir(parents=True, exist_ok=True)
         port, *node_ports = _free_ports(1 + self.clients)
         (self.home / "config.toml").write_text(tomli_w.dumps(
@@ -129,6 +138,8 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def stop(self) -> None:
         """Terminate the processes started and every descendant of theirs (SIGTERM, then SIGKILL after 10 s)."""
