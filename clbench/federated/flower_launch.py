@@ -114,11 +114,11 @@ class LocalFederation:
     def __enter__(self) -> LocalFederation:
         if threading.current_thread() is threading.main_thread():  # a SIGTERM must still stop the federation
             self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        self.home.mkdir(parents=True, exist_ok=True)
-        port, *node_ports = _free_ports(1 + self.clients)
-        (self.home / "config.toml").write_text(tomli_w.dumps(
-            {"superlink": {LOCAL_FEDERATION: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
         try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            port, *node_ports = _free_ports(1 + self.clients)
+            (self.home / "config.toml").write_text(tomli_w.dumps(
+                {"superlink": {LOCAL_FEDERATION: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
             log = self.home / "superlink.log"
             link = self._start([_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                                 "--port", str(port)], log)
@@ -132,7 +132,7 @@ class LocalFederation:
             for k, (node_port, log, proc) in enumerate(nodes):
                 _wait_listening(f"SuperNode {k}", node_port, proc, log)
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
@@ -140,6 +140,7 @@ class LocalFederation:
         self.stop()
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
     def stop(self) -> None:
         """Terminate the processes started and every descendant of theirs (SIGTERM, then SIGKILL after 10 s)."""
