@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
 from benchmarks.projection import step_loop
-from clbench.config import BenchmarkConfig, ModelConfig
-from clbench.models import build_model
+from clbench.config import BenchmarkConfig
+from clbench.models import build_model, model_config
 from clbench.models.alexnet import GPM_SAMPLES
 from clbench.models.base import ContinualModel
 from clbench.streams import batch_source, build_stream
@@ -68,7 +68,7 @@ def build_data() -> tuple[ContinualModel, list[BatchSource]]:
     training split as a tensor cache on the CPU."""
     stream = build_stream(BenchmarkConfig(name="split_digits_32", n_tasks=5, scenario="task"), SEED)
     torch.manual_seed(SEED)
-    model = build_model(ModelConfig(name="alexnet"), stream.spec)
+    model = build_model(model_config("alexnet"), stream.spec)
     return model, [batch_source(e.dataset, "cpu") for e in stream.benchmark.train_stream]
 
 

@@ -14,14 +14,14 @@ of medians and median of paired ratios, interleaved), and the machinery's extra 
 step (a round is 90-100 steps at every K: one pass over the task). No target.
 
 **(d) Rounds per second, in-process vs Flower** (``federated.engine=flower`` on a local federation: a SuperLink
-and K SuperNodes as processes on 127.0.0.1, :mod:`clbench.federated.flower_launch`). The same whole run on each
+and K SuperNodes as processes on 127.0.0.1, :mod:`clbench.flower.launch`). The same whole run on each
 engine — FedAvg, C = K, one task of ``permuted_digits`` (the stand-in of (a)), ``--flower-rounds`` rounds —
 timed alike from the MLflow timestamps of its per-round metric ``round_loss`` (logged after each aggregation):
 a round's time is the gap between two consecutive ones (the first round also pays the start, so it is left
 out), the median over the run. Both runs give the same R (checked). What a Flower round costs besides the
 training: each message starts a fresh ClientApp process, which imports torch, Lightning and Avalanche and
 builds the stream and the model before it trains — timed alone here as the ClientApp start-up (a fresh
-interpreter building :func:`clbench.federated.flower_app.client_for`, median of ``--repeats``), and the C
+interpreter building :func:`clbench.flower.app.client_for`, median of ``--repeats``), and the C
 start-ups of a round share the machine's cores; and the ServerApp's grid polls for replies every 3 s
 (flwr 1.41 ``HttpGrid.send_and_receive``), so a round lasts a multiple of 3 s. No target: the figures say what
 Flower's process-per-message model costs for a model this small.
@@ -237,9 +237,9 @@ def _round_seconds(uri: str, run_id: str) -> list[float]:
 
 
 def clientapp_startup(text: str, repeats: int) -> float:
-    """Seconds a fresh interpreter takes to build a ClientApp's run (:func:`~clbench.federated.flower_app.
+    """Seconds a fresh interpreter takes to build a ClientApp's run (:func:`~clbench.flower.app.
     client_for`) from the config ``text``: the start-up every Flower message pays before the client trains."""
-    code = "import sys; from clbench.federated.flower_app import client_for; client_for(sys.stdin.read())"
+    code = "import sys; from clbench.flower.app import client_for; client_for(sys.stdin.read())"
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def clientapp_startup(text: str, repeats: int) -> float:
 
 def flower_vs_inprocess(args: argparse.Namespace) -> dict[str, Any]:
     from clbench.experiment import run
-    from clbench.federated.flower_app import config_text
+    from clbench.flower.app import config_text
     from clbench.tables import compose
 
     print(f"\n(d) rounds/s, in-process vs Flower (local SuperLink + K SuperNodes on 127.0.0.1), FedAvg, C = K, "

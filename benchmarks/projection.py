@@ -34,8 +34,8 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
-from clbench.config import BenchmarkConfig, ModelConfig
-from clbench.models import build_model
+from clbench.config import BenchmarkConfig
+from clbench.models import build_model, model_config
 from clbench.models.base import ContinualModel
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import BatchSource
@@ -57,7 +57,7 @@ def build_data() -> tuple[ContinualModel, BatchSource, BatchSource]:
     caches on the CPU."""
     stream = build_stream(BenchmarkConfig(name="permuted_mnist_5k", n_tasks=2), SEED)
     torch.manual_seed(SEED)
-    model = build_model(ModelConfig(), stream.spec)
+    model = build_model(model_config("mlp"), stream.spec)
     train = stream.benchmark.train_stream
     return model, batch_source(train[0].dataset, "cpu"), batch_source(train[1].dataset, "cpu")
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from clbench.config import RunConfig, fingerprint
+from clbench.config import RunConfig
+from clbench.fingerprint import fingerprint
 
-FORMAT_VERSION = 2  # 2: the schedule state
+FORMAT_VERSION = 3  # 2: the schedule state; 3: the other scores and the step count
 
 
 def checkpoint_path(cfg: RunConfig) -> Path:

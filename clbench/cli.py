@@ -1,6 +1,6 @@
 """Command line: ``clbench [overrides]`` runs one experiment (``-m`` sweeps), ``clbench report`` tabulates.
 
-Hydra composes ``clbench/conf``; :func:`clbench.config.load` validates it before anything is built.
+Hydra composes ``clbench/conf``; :func:`clbench.compose.load` validates it before anything is built.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from clbench.config import ConfigError, load
+from clbench.compose import load
+from clbench.config import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -20,10 +21,10 @@ def _run(cfg: DictConfig) -> float:
     except ConfigError as e:
         print(f"clbench: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from clbench.experiment import run
+    from clbench.runner import execute
 
     try:
-        result = run(run_cfg)
+        result = execute(run_cfg)
     except ConfigError as e:
         print(f"clbench: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -13,6 +14,45 @@ if TYPE_CHECKING:
     from clbench.models.base import ContinualModel
     from clbench.schedule import Schedule
     from clbench.streams import BatchSource, Stream
+    from clbench.streams.batches import Batch
+
+
+@dataclass(frozen=True)
+class TaskEndRequest:
+    """What a federated strategy's server asks the clients of a task's last round (FOT: GPSE, fot.md §2 steps
+    5-6); the federated loop (:mod:`clbench.federated.loop`) carries it.
+
+    Attributes:
+        arrays: sent to every such client (FOT: the global bases U_l, for the residuals).
+        after_aggregation: False: each client answers right after its local training in the last round, from its
+            locally trained model, with its model upload (the code); True: in a separate query after the last
+            aggregation, from the global model (fot.md §9's Flower query round).
+    """
+
+    arrays: dict[str, torch.Tensor]
+    after_aggregation: bool = False
+
+
+class EpochCallback(Protocol):
+    """``on_epoch_end(epoch, mean_training_loss, extra)``; ``extra`` holds other per-epoch scalars to log
+    (``lr``, ``valid_loss``)."""
+
+    def __call__(self, epoch: int, loss: float, extra: dict[str, float] | None = None) -> None: ...
+
+
+class Trainer(Protocol):
+    """The engine's services a strategy may use (``ctx.trainer``; :class:`clbench.engine.Engine`)."""
+
+    def stage(self, ctx: Context, loss_fn: Callable[[Batch], torch.Tensor], params: Iterable[torch.nn.Parameter],
+              source: BatchSource, epochs: int, lr: float, batch_size: int | None = None,
+              key: int = 0) -> list[float]:
+        """Train ``params`` on ``loss_fn`` over ``source``: an extra stage (a detector, a DPO pass) with the
+        engine's optimizer kind, accumulation, clipping and warm-up; each epoch's mean loss."""
+        ...
+
+    def validation_loss(self, ctx: Context) -> float | None:
+        """Mean loss of the experience's validation split (None without one)."""
+        ...
 
 
 @dataclass
@@ -27,13 +67,17 @@ class Context:
         experience: index of the current experience (0-based).
         train_source: batches of the current experience's training data.
         valid_source: batches of its validation split (None without one).
-        sources: factory turning an Avalanche dataset into a batch source on the device.
+        sources: factory turning an Avalanche dataset into a batch source on the device (samples that are not
+            tensors are collated by the model).
+        trainer: the engine's services (an extra training stage, the validation loss).
         optimizer: the current experience's optimizer (set by the engine).
         schedule: the current experience's learning-rate schedule (set by the engine).
         epoch: index of the current epoch within the experience.
         batch_size: the training batch size (projection strategies choose their form with it).
         eval_batch_size: the evaluation batch size (also of validation losses).
         epochs: epochs per experience (for strategies that run their own loop).
+        step: optimizer steps taken in the current experience (counted by the engine; refreshes and warm-up
+            count in it).
     """
 
     model: Any
@@ -43,6 +87,7 @@ class Context:
     seed: int
     batch_size: int
     sources: Any
+    trainer: Trainer | None = None
     eval_batch_size: int = 1000
     epochs: int = 1
     experience: int = 0
@@ -51,6 +96,7 @@ class Context:
     optimizer: torch.optim.Optimizer | None = None
     schedule: Schedule | None = None
     epoch: int = 0
+    step: int = 0
 
     @property
     def device(self) -> torch.device:

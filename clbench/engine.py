@@ -1,57 +1,62 @@
 """The inner training loop: one experience, on Lightning Fabric (DESIGN.md: Fabric drives the loop).
 
-Per batch: loss = model.loss(batch) [+ strategy.penalty]; Fabric backward; strategy.project; optimizer step.
+Per micro-batch: loss = model.loss(batch) [+ strategy.penalty]; Fabric backward of loss / accumulate. Per
+optimizer step (every ``engine.accumulate`` micro-batches): strategy.project → clip the gradient norm → warm-up
+learning rate → optimizer step (OGPSA's official order: projection before clipping, both before the step).
 Per epoch: the validation loss (when the stream has a validation split), the schedule's rule
 (:mod:`clbench.schedule`), ``strategy.after_epoch``, then the caller's ``on_epoch_end`` (logging, checkpoint).
 Nothing is logged per step: the loss is summed on the device and read once per epoch.
+
+The same services train an extra stage of a strategy (an OOD detector, a DPO pass: :meth:`Engine.stage`), which
+it reaches through ``ctx.trainer`` (:class:`clbench.context.Trainer`) instead of copying this loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
+from clbench.config import OPTIMIZER_ALIASES
 from clbench.schedule import Schedule
+from clbench.streams.batches import batch_len
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from clbench.config import EngineConfig
-    from clbench.context import Context
+    from clbench.context import Context, EpochCallback
+    from clbench.models.base import Batch
+    from clbench.streams import BatchSource
     from strategies.base import Strategy
 
 _SHUFFLE_KEY = 1  # stream of randomness for the batch order
 _VALID_KEY = 2  # order of the validation batches (see Context.eval_order)
+_STAGE_KEY = 5  # batch order of a strategy's extra stage
 _PLAIN_PRECISION = ("32-true", "32")  # Fabric's wrappers are identities at these
 
-
-
-class EpochCallback(Protocol):
-    """``on_epoch_end(epoch, mean_training_loss, extra)``; ``extra`` holds other per-epoch scalars to log
-    (``lr``, ``valid_loss``)."""
-
-    def __call__(self, epoch: int, loss: float, extra: dict[str, float] | None = None) -> None: ...
+LossFn = Callable[["Batch"], torch.Tensor]
 
 
 class Engine:
-    """Builds each experience's optimizer and runs its epochs."""
+    """Builds each experience's optimizer and runs its epochs (and the extra stages strategies ask for)."""
 
     def __init__(self, cfg: EngineConfig, fabric: Fabric) -> None:
         self.cfg = cfg
         self.fabric = fabric
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter], experience: int) -> torch.optim.Optimizer:
-        """A fresh optimizer for ``experience`` (GPM's code builds one per task); the first experience
-        uses ``first_lr`` when set."""
-        lr = self.cfg.first_lr if experience == 0 and self.cfg.first_lr is not None else self.cfg.lr
-        params = list(params)
-        if self.cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum,
-                                                         weight_decay=self.cfg.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
+    def optimizer(self, params: Iterable[torch.nn.Parameter], experience: int,
+                  lr: float | None = None) -> torch.optim.Optimizer:
+        """A fresh ``engine.optimizer`` (GPM's code builds one per task) over ``params``, at ``lr`` (None: the
+        experience's, ``first_lr`` for the first one when set), with ``weight_decay``, SGD's ``momentum`` and
+        ``optimizer_args``."""
+        cfg = self.cfg
+        if lr is None:
+            lr = cfg.first_lr if experience == 0 and cfg.first_lr is not None else cfg.lr
+        name = OPTIMIZER_ALIASES.get(cfg.optimizer.lower(), cfg.optimizer)
+        kwargs = {"lr": lr, "weight_decay": cfg.weight_decay} | ({"momentum": cfg.momentum} if name == "SGD" else {})
+        opt = getattr(torch.optim, name)(list(params), **(kwargs | dict(cfg.optimizer_args)))
         return self.fabric.setup_optimizers(opt)
 
     def schedule(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Schedule:
@@ -61,69 +66,135 @@ class Engine:
         return Schedule(cfg.schedule, inner, module, cfg.lr_min, cfg.patience, cfg.lr_factor, warmup=cfg.warmup_epochs,
                         t_max=cfg.epochs if cfg.t_max is None else cfg.t_max)
 
+    def _plain(self) -> bool:
+        """Full precision on one device: Fabric's wrappers would only add Python work (the module wrapper walks
+        the batch and the output to convert dtypes that are already right), about 100 µs a step at batch 10
+        (benchmarks/loop.py), so the loop calls the module, ``backward`` and the optimizer directly. With mixed
+        precision or several devices every call goes through Fabric, which then does real work (autocast,
+        gradient scaling, collectives)."""
+        return self.fabric.world_size == 1 and str(self.cfg.precision) in _PLAIN_PRECISION
+
     def fit(self, ctx: Context, strategy: Strategy, start_epoch: int, on_epoch_end: EpochCallback) -> None:
         """Train ``ctx.model`` on the strategy's training source from ``start_epoch`` to ``cfg.epochs`` (or until
-        ``ctx.schedule`` stops), then restore the schedule's best weights.
-
-        Fast path: with full precision on one device, Fabric's wrappers only add Python work (the module
-        wrapper walks the batch and the output to convert dtypes that are already right, and resolves
-        attributes slowly), about 100 µs a step at batch 10 (benchmarks/loop.py), so the loop calls the module,
-        ``loss.backward`` and the optimizer directly. With mixed precision or several devices every call goes
-        through Fabric, which then does real work (autocast, gradient scaling, collectives).
-        """
-        model, optimizer, fabric, schedule = ctx.model, ctx.optimizer, self.fabric, ctx.schedule
+        ``ctx.schedule`` stops), then restore the schedule's best weights."""
+        optimizer, schedule = ctx.optimizer, ctx.schedule
         assert optimizer is not None and schedule is not None
         source = strategy.train_source(ctx)
         if len(source) == 0:
             raise ValueError(f"experience {ctx.experience} has no training samples")
-        use_penalty, use_project = strategy.overrides("penalty"), strategy.overrides("project")
-        use_after_epoch = strategy.overrides("after_epoch")
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if fabric.world_size == 1 and str(self.cfg.precision) in _PLAIN_PRECISION:
-            loss_fn, backward, step = ctx.module.loss, torch.Tensor.backward, inner.step
-        else:
-            loss_fn, backward, step = model.loss, fabric.backward, optimizer.step
-        zero_grad = inner.zero_grad
-        model.train()
+        loss_fn: LossFn = ctx.module.loss if self._plain() else ctx.model.loss
+        if strategy.overrides("penalty"):
+            model_loss = loss_fn
+
+            def loss_fn(batch: Batch) -> torch.Tensor:
+                loss = model_loss(batch)
+                extra = strategy.penalty(ctx, batch)
+                return loss if extra is None else loss + extra
+
+        project = (lambda: strategy.project(ctx)) if strategy.overrides("project") else None
+        ctx.model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             if schedule.stopped:
                 break
             ctx.epoch = epoch
-            total = torch.zeros((), device=fabric.device)
-            steps = 0
-            order = ctx.generator(_SHUFFLE_KEY, epoch)
-            for batch in source.batches(self.cfg.batch_size, shuffle=True, generator=order):
-                zero_grad(set_to_none=True)
-                loss = loss_fn(batch)
-                if use_penalty:
-                    extra = strategy.penalty(ctx, batch)
-                    if extra is not None:
-                        loss = loss + extra
-                backward(loss)
-                if use_project:
-                    strategy.project(ctx)
-                step()
-                total += loss.detach()
-                steps += 1
-            report = schedule.step(epoch, float(total) / steps, validation_loss(ctx))
-            if use_after_epoch and not report.stop:
+            batches = source.batches(self.cfg.batch_size, shuffle=True, generator=ctx.generator(_SHUFFLE_KEY, epoch))
+            loss = self._epoch(ctx, batches, loss_fn, optimizer, schedule.lr, project)
+            report = schedule.step(epoch, loss, self.validation_loss(ctx))
+            if strategy.overrides("after_epoch") and not report.stop:
                 strategy.after_epoch(ctx, report)
             extra = {"lr": schedule.lr} | ({} if report.valid_loss is None else {"valid_loss": report.valid_loss})
             on_epoch_end(epoch, report.loss, extra)
         schedule.restore_best()
 
+    def _epoch(self, ctx: Context, batches: Iterator[Batch], loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               lr: float, project: Callable[[], None] | None) -> float:
+        """One epoch of optimizer steps over ``batches``; the mean loss of its micro-batches. ``ctx.step`` counts
+        the experience's optimizer steps (the warm-up's clock)."""
+        cfg, fabric = self.cfg, self.fabric
+        inner = getattr(optimizer, "optimizer", optimizer)
+        plain = self._plain()
+        backward = torch.Tensor.backward if plain else fabric.backward
+        step = inner.step if plain else optimizer.step
+        accumulate, warmup, clip = cfg.accumulate, cfg.warmup_steps, cfg.clip_norm
+        params = [p for g in inner.param_groups for p in g["params"]]
+        total = torch.zeros((), device=fabric.device)
+        micro = 0
+        if accumulate == 1 and not warmup and clip is None:  # the hot path of the vision runs: nothing else
+            for batch in batches:
+                inner.zero_grad(set_to_none=True)
+                loss = loss_fn(batch)
+                backward(loss)
+                if project is not None:
+                    project()
+                step()
+                total += loss.detach()
+                micro += 1
+            ctx.step += micro
+            return float(total) / max(micro, 1)
+        inner.zero_grad(set_to_none=True)
+        pending = 0
+        for batch in batches:
+            loss = loss_fn(batch)
+            backward(loss / accumulate if accumulate > 1 else loss)
+            total += loss.detach()
+            micro += 1
+            pending += 1
+            if pending == accumulate:
+                self._step(ctx, inner, step, params, lr, project)
+                pending = 0
+        if pending:  # a last, partial group (its gradient is divided by accumulate too, as Hugging Face's)
+            self._step(ctx, inner, step, params, lr, project)
+        return float(total) / max(micro, 1)
 
-@torch.no_grad()
-def validation_loss(ctx: Context) -> float | None:
-    """Mean loss over the experience's validation split in eval mode, in batches of ``ctx.eval_batch_size``
-    (None without a split). Shared by the engine and by strategies that own their loop."""
-    if ctx.valid_source is None:
-        return None
-    ctx.model.eval()
-    total, n = torch.zeros((), device=ctx.device), 0
-    order = ctx.eval_order(_VALID_KEY, ctx.experience)
-    for batch in ctx.valid_source.batches(ctx.eval_batch_size, shuffle=True, generator=order):
-        total += ctx.model.loss(batch) * batch[1].shape[0]
-        n += batch[1].shape[0]
-    ctx.model.train()
-    return float(total) / n
+    def _step(self, ctx: Context, inner: torch.optim.Optimizer, step: Callable[[], object],
+              params: list[torch.nn.Parameter], lr: float, project: Callable[[], None] | None) -> None:
+        """project → clip → warm-up lr → optimizer step → zero the gradients."""
+        cfg = self.cfg
+        if project is not None:
+            project()
+        if cfg.clip_norm is not None:
+            if self._plain():
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            else:
+                self.fabric.clip_gradients(ctx.model, ctx.optimizer, max_norm=cfg.clip_norm)
+        if cfg.warmup_steps:
+            factor = min(1.0, ctx.step / cfg.warmup_steps)
+            for group in inner.param_groups:
+                group["lr"] = lr * factor
+        step()
+        inner.zero_grad(set_to_none=True)
+        ctx.step += 1
+
+    def stage(self, ctx: Context, loss_fn: LossFn, params: Iterable[torch.nn.Parameter], source: BatchSource,
+              epochs: int, lr: float, batch_size: int | None = None, key: int = 0) -> list[float]:
+        """Train ``params`` on ``loss_fn`` over ``source`` for ``epochs`` with a fresh optimizer of the engine's
+        kind at ``lr`` and the engine's accumulation, clipping and warm-up (its own step clock): a strategy's
+        extra stage. The batch order is seeded from (seed, experience, key, epoch). Returns each epoch's mean
+        loss. ``ctx.step`` is left as it was."""
+        optimizer = self.optimizer(params, ctx.experience, lr=lr)
+        saved_step, ctx.step = ctx.step, 0
+        losses = []
+        try:
+            for epoch in range(epochs):
+                order = ctx.generator(_STAGE_KEY, key, epoch)
+                batches = source.batches(batch_size or self.cfg.batch_size, shuffle=True, generator=order)
+                losses.append(self._epoch(ctx, batches, loss_fn, optimizer, lr, None))
+        finally:
+            ctx.step = saved_step
+        return losses
+
+    @torch.no_grad()
+    def validation_loss(self, ctx: Context) -> float | None:
+        """Mean loss over the experience's validation split in eval mode, in batches of ``ctx.eval_batch_size``
+        (None without a split)."""
+        if ctx.valid_source is None:
+            return None
+        ctx.model.eval()
+        total, n = torch.zeros((), device=ctx.device), 0
+        order = ctx.eval_order(_VALID_KEY, ctx.experience)
+        for batch in ctx.valid_source.batches(ctx.eval_batch_size, shuffle=True, generator=order):
+            size = batch_len(batch)
+            total += ctx.model.loss(batch) * size
+            n += size
+        ctx.model.train()
+        return float(total) / n

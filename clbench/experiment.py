@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -14,11 +14,12 @@ import torch
 from omegaconf import OmegaConf
 
 from clbench import checkpoint, metrics
-from clbench.config import ConfigError, RunConfig, fingerprint, flatten
+from clbench.config import ConfigError, RunConfig
 from clbench.context import Context
 from clbench.display import Display, format_matrix
 from clbench.engine import Engine
-from clbench.federated.loop import Clients, FederatedLoop, split_task
+from clbench.federated.loop import Clients, FederatedLoop
+from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
 from clbench.streams import batch_source, build_stream
 from clbench.tracking import Tracker, git_sha, package_versions
@@ -32,12 +33,14 @@ _EVAL_KEY = 3  # order of the test batches (see Context.eval_order)
 
 @dataclass
 class RunResult:
-    """What a run produced: R (%), the initial-model accuracies b (%), the four scores, the MLflow run id."""
+    """What a run produced: R (%) of the stream's primary score, the initial model's primary scores b, the four
+    headline scores, the MLflow run id, and the matrices of every other score the model gives (same layout)."""
 
     R: np.ndarray
     initial: np.ndarray
     scores: dict[str, float]
     run_id: str
+    others: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -50,7 +53,15 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.strategy.name}-{cfg.benchmark.name}-s{cfg.seed}"
 
 
-def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndarray) -> None:
+def _matrix_csv(M: np.ndarray) -> str:
+    T = M.shape[0]
+    header = "after_experience," + ",".join(f"task_{j}" for j in range(T))
+    rows = [f"{i}," + ",".join(f"{v:.8f}" for v in M[i]) for i in range(T)]
+    return "\n".join([header, *rows]) + "\n"
+
+
+def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndarray,
+                     others: dict[str, np.ndarray]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,9 +70,9 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
     T = R.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        header = "after_experience," + ",".join(f"task_{j}" for j in range(T))
-        rows = [f"{i}," + ",".join(f"{v:.8f}" for v in R[i]) for i in range(T)]
-        (d / "accuracy_matrix.csv").write_text("\n".join([header, *rows]) + "\n")
+        (d / "accuracy_matrix.csv").write_text(_matrix_csv(R))
+        for name, M in others.items():  # every other score of the model, per cell
+            (d / f"{name}_matrix.csv").write_text(_matrix_csv(M))
         (d / "initial_accuracy.csv").write_text(
             "task,accuracy\n" + "".join(f"{j},{v:.4f}\n" for j, v in enumerate(b)))
         (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -84,8 +95,7 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
 
 def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
     """What a run builds from its config before it trains: threads, seeds, stream, model, Fabric and the
-    strategy, set up on the context. Federated clients on Flower build the same (:mod:`clbench.federated.
-    flower_app`).
+    strategy, set up on the context. Federated clients on Flower build the same (:mod:`clbench.flower.app`).
 
     Raises:
         ConfigError: what only the stream, the model, Fabric or the strategy can check; nothing is logged yet.
@@ -105,12 +115,12 @@ def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
     strategy = build_strategy(cfg.strategy)
     module = strategy.wrap_model(module)
     model = fabric.setup_module(module)
-    model.mark_forward_method("loss")
-    model.mark_forward_method("predict")
-    sources = partial(batch_source, device=fabric.device, max_bytes=cfg.engine.cache_bytes)
+    for method in ("loss", "score", "outputs"):
+        model.mark_forward_method(method)
+    sources = partial(batch_source, device=fabric.device, max_bytes=cfg.engine.cache_bytes, collate=module.collate)
     ctx = Context(model=model, module=module, fabric=fabric, stream=stream, seed=cfg.seed,
                   batch_size=cfg.engine.batch_size, eval_batch_size=cfg.engine.eval_batch_size,
-                  epochs=cfg.engine.epochs, sources=sources)
+                  epochs=cfg.engine.epochs, sources=sources, trainer=Engine(cfg.engine, fabric))
     strategy.setup(ctx)  # may still refuse the config (e.g. a per-layer list of the wrong length)
     return ctx, strategy
 
@@ -118,37 +128,37 @@ def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
 def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     """Run one continual experiment end to end (resuming from its checkpoint when ``cfg.resume``).
 
-    A federated strategy (``fedavg``, ``fot``) trains each experience with :class:`clbench.federated.loop.
-    FederatedLoop` instead of the engine on one learner; the rest (stream, model, evaluation of the global model
-    on every test experience, tracking, artifacts) is shared. Federated runs are not checkpointed, so they
-    cannot resume (the config refuses ``resume=true`` for them). With ``federated.engine=flower`` and no
-    ``clients``, the run is handed to Flower (:func:`clbench.federated.flower_launch.launch`), whose ServerApp
-    calls this function again with its SuperNodes as ``clients``.
+    Each cell (after experience i, test experience j) is scored with the model's named scores
+    (:meth:`clbench.models.base.ContinualModel.score`); R holds the stream's primary one (accuracy, exact match),
+    the others are logged beside it. A federated strategy (``fedavg``, ``fot``) trains each experience with
+    :class:`clbench.federated.loop.FederatedLoop` instead of the engine on one learner; the rest (stream, model,
+    evaluation of the global model on every test experience, tracking, artifacts) is shared. Federated runs are
+    not checkpointed, so they cannot resume (the config refuses ``resume=true`` for them). A run on Flower starts
+    in :func:`clbench.runner.execute`, whose ServerApp calls this function with its SuperNodes as ``clients``.
 
     Args:
         cfg: the run's config.
-        clients: the federated transport (None: the engine's, ``federated.engine``).
+        clients: the federated transport (None: in-process clients).
     """
     ctx, strategy = setup(cfg)
-    if strategy.federated and cfg.federated.engine == "flower" and clients is None:
-        from clbench.federated.flower_launch import launch
-
-        for task in range(ctx.n_experiences):  # a task that cannot be split is a config error here, before Flower
-            split_task(ctx, cfg.federated, task)
-        return launch(cfg)
     model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
     spec = stream.spec
-    T = spec.n_tasks
-    engine = Engine(cfg.engine, fabric)
+    T, primary = spec.n_tasks, spec.primary_score
+    engine = ctx.trainer
+    assert isinstance(engine, Engine)
     tests = [sources(e.dataset) for e in stream.benchmark.test_stream]
 
-    def evaluate_all() -> np.ndarray:
+    def evaluate_all() -> dict[str, np.ndarray]:
+        """Every named score of the model on every test experience: name → one value per experience."""
         model.eval()
-        row = [metrics.evaluate(model, s.batches(cfg.engine.eval_batch_size, shuffle=True,
-                                                 generator=ctx.eval_order(_EVAL_KEY, j)), spec.n_classes,
-                                fabric.device) for j, s in enumerate(tests)]
+        cells = [metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
+                                                         generator=ctx.eval_order(_EVAL_KEY, j)), fabric.device)
+                 for j, s in enumerate(tests)]
         model.train()
-        return np.array(row)
+        if primary not in cells[0]:
+            raise ConfigError(f"benchmark '{spec.name}' ranks by the score '{primary}', which model "
+                              f"'{cfg.model.name}' does not give (it gives {sorted(cells[0])})")
+        return {name: np.array([c[name] for c in cells]) for name in cells[0]}
 
     federation = None
     if strategy.federated:  # splits every task over the clients: too many clients is still a config error here
@@ -156,10 +166,12 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     path = checkpoint.checkpoint_path(cfg)
     state = checkpoint.load(path) if cfg.resume else None
     R = np.full((T, T), np.nan)
+    others: dict[str, np.ndarray] = {}
     if state is not None:
-        module.load_state_dict(state["model"])
         strategy.load_state_dict(state["strategy"])
-        R, b, start = state["R"], state["initial"], state["experience"]
+        strategy.rebuild(ctx)  # what the strategy added to the model (adapters), before the weights load
+        module.load_state_dict(state["model"])
+        R, b, start, others = state["R"], state["initial"], state["experience"], state["others"]
         print(f"Resuming {run_name(cfg)} from {path} (experience {min(start + 1, T)}/{T}, "
               f"epoch {state['next_epoch']})")
     elif cfg.resume:
@@ -179,7 +191,7 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
             "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
-            "run_id": tracker.run_id})
+            "others": others, "step": ctx.step, "run_id": tracker.run_id})
 
     def train_experience(i: int) -> None:
         """Experience i on one learner: the engine (or the strategy's own loop), resumable mid-experience."""
@@ -189,6 +201,7 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         if state is not None and i == start:
             checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
         mid = state is not None and i == start and state["optimizer"] is not None
+        ctx.step = state["step"] if mid else 0
         if not mid:
             strategy.before_experience(ctx)
         ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
@@ -227,10 +240,12 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
 
     try:
         if state is None:
-            params = flatten(asdict(cfg)) | {f"version.{k}": v for k, v in package_versions().items()}
+            params = run_params(cfg) | {f"version.{k}": v for k, v in package_versions().items()}
             tracker.log_params(params | {"git_sha": git_sha(), "device": str(fabric.device),
                                          "config_key": fingerprint(cfg, with_seed=False)})
-            b, start = evaluate_all(), 0
+            initial = evaluate_all()
+            b, start = initial[primary], 0
+            others = {k: np.full((T, T), np.nan) for k in initial if k != primary}
             snapshot(0, 0, with_optimizer=False)  # from here on a killed run resumes into this MLflow run
         for i in range(start, T):
             ctx.experience, ctx.epoch = i, 0
@@ -239,29 +254,35 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
                 train_experience(i)
             else:
                 per_exp = federation.train_task(ctx, partial(on_round, i))
-            R[i] = evaluate_all()
+            row = evaluate_all()
+            R[i] = row[primary]
             per_exp |= {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
             per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
+            for name, M in others.items():
+                M[i] = row[name]
+                per_exp[f"{name}_exp"] = float(M[i, : i + 1].mean())
+                per_exp |= {f"{name}_task/{j}": M[i, j] for j in range(T)}
             tracker.log_metrics(per_exp, step=i)
             display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
             snapshot(i + 1, 0, with_optimizer=False)
         display.close()
         totals = {} if federation is None else federation.totals()
         tracker.log_metrics(metrics.summary(R, b) | totals, step=T - 1)  # also when resumed after the last snapshot
-        _write_artifacts(tracker, cfg, R, b)
+        _write_artifacts(tracker, cfg, R, b, others)
     except BaseException as error:
         display.close()
         tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
         raise
     tracker.finish()
-    return _finish_print(cfg, R, b, tracker.run_id)
+    return _finish_print(cfg, R, b, tracker.run_id, others, primary)
 
 
-def _finish_print(cfg: RunConfig, R: np.ndarray, b: np.ndarray, run_id: str) -> RunResult:
+def _finish_print(cfg: RunConfig, R: np.ndarray, b: np.ndarray, run_id: str, others: dict[str, np.ndarray],
+                  primary: str) -> RunResult:
     scores = metrics.summary(R, b)
     print(f"\n== {run_name(cfg)}  (MLflow run {run_id})")
-    print("accuracy matrix R (%), row i = after experience i, column j = test experience j:")
+    print(f"{primary} matrix R (%), row i = after experience i, column j = test experience j:")
     print(format_matrix(R))
     print("  ".join(f"{k.upper() if k != 'forgetting' else 'forgetting'} {v:.2f}" for k, v in scores.items()))
-    return RunResult(R=R, initial=b, scores=scores, run_id=run_id)
+    return RunResult(R=R, initial=b, scores=scores, run_id=run_id, others=others)
 

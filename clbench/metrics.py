@@ -6,9 +6,12 @@ including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 
 def _square(R: np.ndarray) -> np.ndarray:
@@ -75,9 +78,15 @@ def summary(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, num_classes: int, device: torch.device) -> float:
-    """Accuracy (%) of ``model.predict`` over ``batches`` of ``(x, y, t)``, accumulated with torchmetrics."""
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+def evaluate(score: Callable[[Any], dict[str, torch.Tensor]], batches: Iterable[Any],
+             device: torch.device) -> dict[str, float]:
+    """The mean over every sample of ``batches`` of each named per-sample score ``score(batch)`` gives (a model's
+    :meth:`~clbench.models.base.ContinualModel.score`: accuracy in %, exact match, loss, ...), accumulated on the
+    device in float64 with torchmetrics."""
+    means: dict[str, MeanMetric] = {}
     for batch in batches:
-        metric.update(model.predict(batch), batch[1])
-    return 100.0 * float(metric.compute())
+        for name, values in score(batch).items():
+            if name not in means:
+                means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(device)
+            means[name].update(values.to(torch.float64))
+    return {name: float(m.compute()) for name, m in means.items()}

@@ -14,7 +14,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from clbench.config import fingerprint_params
+from clbench.fingerprint import fingerprint_params
 
 SCORES = ("acc", "bwt", "fwt", "forgetting")
 

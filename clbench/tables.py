@@ -3,7 +3,7 @@
 A spec lists the table's columns (benchmarks, each with the overrides of the stream clbench runs for it), its
 rows (methods, each with its own overrides per column) and the published numbers with their sources. A cell's
 runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
-(every non-default setting but the seed: :func:`clbench.config.fingerprint_params`), so a run of any other
+(every non-default setting but the seed: :func:`clbench.fingerprint.fingerprint_params`), so a run of any other
 setting never lands in a cell.
 
 ``clbench report --table gpm`` does two steps, so a table can be checked without the MLflow store:
@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from clbench.config import fingerprint, fingerprint_params, load
+from clbench.compose import load
+from clbench.fingerprint import fingerprint, fingerprint_params
 
 SPEC_DIR = Path(__file__).resolve().parent / "conf" / "table"
 RUN_FIELDS = ("column", "method", "seed", "config_key", "run_id", "acc", "bwt", "fwt", "forgetting")

@@ -20,7 +20,8 @@ _DISCOVERED = False
 
 
 def register(name: str):
-    """Class decorator: make a Strategy subclass available as ``strategy=<name>``."""
+    """Class decorator: make a Strategy subclass available as ``strategy=<name>``: the one place a method is
+    named (its config's ``strategy.name`` and its Hydra schema follow from it)."""
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -51,6 +52,11 @@ def config_class(name: str) -> type[StrategyConfig]:
     """The config dataclass of strategy ``name``."""
     _discover()
     return _REGISTRY[name].config_class
+
+
+def strategy_config(name: str, **values: Any) -> StrategyConfig:
+    """The config of strategy ``name`` with ``values`` over its class's defaults."""
+    return config_class(name)(name=name, **values)
 
 
 def is_federated(name: str) -> bool:

@@ -46,15 +46,13 @@ import torch
 from torch import nn
 
 from clbench.config import ConfigError, StrategyConfig
-from clbench.engine import validation_loss
 from strategies import register
 from strategies.base import Strategy
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from clbench.context import Context
-    from clbench.engine import EpochCallback
+    from clbench.context import Context, EpochCallback
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -63,7 +61,6 @@ if TYPE_CHECKING:
 class AvalancheConfig(StrategyConfig):
     """Keys shared by every Avalanche baseline (Avalanche's loop runs the engine's epochs and batch size)."""
 
-    name: str = "avalanche_naive"
 
 
 def _check(cond: bool, key: str, value: Any, valid: str) -> None:
@@ -82,7 +79,6 @@ class EWCConfig(AvalancheConfig):
         decay_factor: importance decay of ``online`` mode, in (0, 1]; ignored by ``separate``.
     """
 
-    name: str = "ewc"
     ewc_lambda: float = 100.0
     mode: str = "separate"
     decay_factor: float | None = None
@@ -105,7 +101,6 @@ class SIConfig(AvalancheConfig):
         eps: ξ, the damping term of Ω's denominator.
     """
 
-    name: str = "si"
     si_lambda: float = 300.0
     eps: float = 1e-7
 
@@ -124,7 +119,6 @@ class LwFConfig(AvalancheConfig):
         temperature: softmax temperature T of the distillation.
     """
 
-    name: str = "lwf"
     alpha: float = 1.0
     temperature: float = 2.0
 
@@ -144,7 +138,6 @@ class AGEMConfig(AvalancheConfig):
             must be at least the number of experiences minus one).
     """
 
-    name: str = "agem"
     patterns_per_exp: int = 250
     sample_size: int = 256
 
@@ -163,7 +156,6 @@ class GEMConfig(AvalancheConfig):
         memory_strength: γ, the margin added to the QP's constraints (favours backward transfer).
     """
 
-    name: str = "gem"
     patterns_per_exp: int = 256
     memory_strength: float = 0.5
 
@@ -185,7 +177,6 @@ class ERConfig(AvalancheConfig):
             far; Avalanche's ``ExperienceBalancedBuffer``, the default of its ``Replay``).
     """
 
-    name: str = "er"
     patterns_per_exp: int = 250
     batch_size_mem: int | None = None
     storage: str = "reservoir"
@@ -280,7 +271,8 @@ class _EpochEnd:
         ctx = self.ctx
         assert ctx is not None and self.callback is not None
         mean = float(self._total) / self._steps if self._total is not None else float("nan")
-        valid = validation_loss(ctx)
+        assert ctx.trainer is not None
+        valid = ctx.trainer.validation_loss(ctx)
         if ctx.schedule is not None:
             if ctx.schedule.step(self._epoch, mean, valid).stop:
                 strategy.stop_training()

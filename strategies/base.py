@@ -12,9 +12,10 @@ Call order for experience i (see ``clbench.experiment``)::
     after_experience(ctx)                   e.g. new bases from the layer inputs
     evaluation on every test experience
 
-A run resumed in the middle of experience i restores ``state_dict`` and calls ``attach`` again; it never
-repeats ``before_experience``. So ``before_experience`` holds the state changes, ``attach`` only what can be
-rebuilt from the state.
+A resumed run restores ``load_state_dict``, then ``rebuild`` (what the strategy added to the model during the
+run, e.g. one adapter per task, re-created from that state), then the saved weights; in the middle of
+experience i it calls ``attach`` again and never repeats ``before_experience``. So ``before_experience`` holds
+the state changes, ``rebuild`` and ``attach`` only what can be re-created from the state.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import torch
 from clbench.config import StrategyConfig
 
 if TYPE_CHECKING:
-    from clbench.context import Context
-    from clbench.engine import EpochCallback
+    from clbench.context import Context, EpochCallback
     from clbench.schedule import EpochReport
     from clbench.streams import BatchSource
 
@@ -100,6 +100,11 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def rebuild(self, ctx: Context) -> None:
+        """On resume, after :meth:`load_state_dict` and before the saved weights load into ``ctx.module``:
+        re-create the parameters and modules the strategy added to the model during the run (adapters), as its
+        state describes, so the weights find them."""
 
     @classmethod
     def overrides(cls, hook: str) -> bool:

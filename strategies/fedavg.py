@@ -28,13 +28,12 @@ from strategies import register
 from strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from clbench.context import Context
-    from clbench.federated.messages import TaskEndRequest
+    from clbench.context import Context, TaskEndRequest
 
 
 @dataclass
 class FedAvgConfig(StrategyConfig):
-    name: str = "fedavg"
+    """FedAvg has no keys of its own (the federated setting is ``federated.*``)."""
 
 
 @register("fedavg")

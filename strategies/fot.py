@@ -39,7 +39,12 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from clbench.config import ConfigError
-from clbench.federated import (
+from clbench.context import TaskEndRequest
+from clbench.subspace import collect_layer_inputs
+from clbench.subspace.gpse import (
+    RATIO_MEANS,
+    RATIOS,
+    SKETCHES,
     GPSEConfig,
     ResidualSketcher,
     effective_threshold,
@@ -50,9 +55,6 @@ from clbench.federated import (
     sketch_shapes,
     unpack_sketches,
 )
-from clbench.federated.gpse import RATIO_MEANS, RATIOS, SKETCHES
-from clbench.federated.messages import TaskEndRequest
-from clbench.subspace import collect_layer_inputs
 from strategies import register
 from strategies.fedavg import FedAvg, FedAvgConfig
 from strategies.gpm import basis_diagnostics, per_layer, validate_thresholds
@@ -80,7 +82,6 @@ class FOTConfig(FedAvgConfig):
         activations_from: ``local`` or ``global``.
     """
 
-    name: str = "fot"
     threshold: list[float] = field(default_factory=lambda: [0.95])
     threshold_increment: float = 0.0
     sketch: str = "gaussian"
@@ -147,8 +148,8 @@ class FOT(FedAvg):
         was_training = module.training
         module.train(self.cfg.activation_mode == "train")
         try:
-            for x, _, t in ctx.train_source.batches(ctx.eval_batch_size, shuffle=False):
-                for name, A in collect_layer_inputs(module, layers, functools.partial(module, x, t)).items():
+            for batch in ctx.train_source.batches(ctx.eval_batch_size, shuffle=False):
+                for name, A in collect_layer_inputs(module, layers, functools.partial(module.outputs, batch)).items():
                     sketchers[name].update(A)
         finally:
             module.train(was_training)

@@ -84,7 +84,6 @@ class GPMConfig(StrategyConfig):
         basis_source: ``activations`` (GPM) or ``gradients`` (ROGO's code on CIFAR-100 / miniImageNet).
     """
 
-    name: str = "gpm"
     threshold: list[float] = field(default_factory=lambda: [0.95, 0.99, 0.99])
     threshold_increment: float = 0.0
     samples: list[int] = field(default_factory=lambda: [300])
@@ -209,15 +208,15 @@ class GPM(Strategy):
         layers = module.protected_layers()
         if not layers:  # e.g. a multi-head net without hidden layers: nothing to protect
             return {}
-        x, y, t = ctx.train_source.take(max(self._samples.values()), ctx.generator(_SAMPLE_KEY))
+        batch = ctx.train_source.take(max(self._samples.values()), ctx.generator(_SAMPLE_KEY))
         was_training = module.training
         module.eval()
         try:
             if self.cfg.basis_source == "activations":
-                return collect_layer_inputs(module, layers, lambda: module(x, t), samples=self._samples)
+                return collect_layer_inputs(module, layers, lambda: module.outputs(batch), samples=self._samples)
             with torch.enable_grad():
                 names = list(layers)
-                grads = torch.autograd.grad(module.loss((x, y, t)), [layers[n].weight for n in names])
+                grads = torch.autograd.grad(module.loss(batch), [layers[n].weight for n in names])
             return {n: g.detach().flatten(1).T for n, g in zip(names, grads, strict=True)}
         finally:
             module.train(was_training)

@@ -105,7 +105,6 @@ class HLOPConfig(StrategyConfig):
         orthogonal_init, orthonormalize, lr_normalize: deviations from the code (module docstring).
     """
 
-    name: str = "hlop"
     rows: list[list[int]] = field(default_factory=lambda: [[80, 200, 100], [70], [70], [50], [50], [50],
                                                            [30], [30], [30], [10]])
     hebbian_lr: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.01])
@@ -235,7 +234,7 @@ class HLOP(Strategy):
         module = ctx.module
         layers = module.protected_layers()
         rows: dict[str, int] = {}
-        x, _, t = ctx.train_source.take(1, ctx.generator(_SAMPLE_KEY))
+        batch = ctx.train_source.take(1, ctx.generator(_SAMPLE_KEY))
 
         def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
@@ -247,7 +246,7 @@ class HLOP(Strategy):
         module.eval()
         try:
             with torch.no_grad():
-                module(x, t)
+                module.outputs(batch)
         finally:
             module.train(was_training)
             for handle in handles:
@@ -335,11 +334,11 @@ class HLOP(Strategy):
         Hebbian rule sees it (:meth:`activity`)."""
         assert ctx.train_source is not None
         module = ctx.module
-        x, _, t = ctx.train_source.take(self.cfg.samples, ctx.generator(_SAMPLE_KEY))
+        batch = ctx.train_source.take(self.cfg.samples, ctx.generator(_SAMPLE_KEY))
         was_training = module.training
         module.eval()
         try:
-            return collect_layer_inputs(module, module.protected_layers(), lambda: module(x, t),
+            return collect_layer_inputs(module, module.protected_layers(), lambda: module.outputs(batch),
                                         transform=lambda _layer, a: self.activity(module, a))
         finally:
             module.train(was_training)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class JointConfig(StrategyConfig):
-    name: str = "joint"
+    """Joint training has no keys of its own."""
 
 
 @register("joint")

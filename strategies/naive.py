@@ -11,7 +11,7 @@ from strategies.base import Strategy
 
 @dataclass
 class NaiveConfig(StrategyConfig):
-    name: str = "naive"
+    """Naive fine-tuning has no keys of its own."""
 
 
 @register("naive")

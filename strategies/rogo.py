@@ -69,7 +69,6 @@ class ROGOConfig(GPMConfig):
             ``engine.lr_factor``), ``reset`` (back to the task's initial lr) or ``none``.
     """
 
-    name: str = "rogo"
     grad_threshold: list[float] = field(default_factory=lambda: [0.97, 0.99, 0.99])
     space_threshold: list[float] = field(default_factory=lambda: [0.9])
     search_samples: int = 125
@@ -215,13 +214,13 @@ class ROGO(GPM):
         module = ctx.module
         layers = module.protected_layers()
         names = list(self.frozen)
-        x, y, t = ctx.train_source.take(self.cfg.search_samples, ctx.generator(_SEARCH_KEY, ctx.epoch))
+        batch = ctx.train_source.take(self.cfg.search_samples, ctx.generator(_SEARCH_KEY, ctx.epoch))
         for p in self._projectors:  # the input form would return projected weight gradients
             p.detach()
         was_training = module.training
         module.eval()
         try:
-            grads = torch.autograd.grad(module.loss((x, y, t)), [layers[n].weight for n in names])
+            grads = torch.autograd.grad(module.loss(batch), [layers[n].weight for n in names])
         finally:
             module.train(was_training)
             for p in self._projectors:

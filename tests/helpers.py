@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from clbench.config import RunConfig, load
+from clbench.compose import load
+from clbench.config import RunConfig
 
 CONF = str(Path(__file__).resolve().parent.parent / "clbench" / "conf")
 

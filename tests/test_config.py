@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from clbench.config import ConfigError, load
+from clbench.compose import load
+from clbench.config import ConfigError
 
 CONF = str(Path(__file__).resolve().parent.parent / "clbench" / "conf")
 
@@ -45,7 +46,7 @@ def test_every_key_overridable():
     (["strategy.threshold=[1.5]"], r"'strategy.threshold'.*\(0, 1\]"),
     (["strategy.threshold=[0]"], r"'strategy.threshold'.*\(0, 1\]"),
     (["strategy.rank_rule=foo"], r"'strategy.rank_rule'.*\['code', 'paper'\]"),
-    (["engine.optimizer=rmsprop"], r"'engine.optimizer'.*\['sgd', 'adam'\]"),
+    (["engine.optimizer=rmsprop"], r"'engine.optimizer'.*\['adam', 'adamw', 'sgd'\] nor a torch.optim"),
     (["benchmark.name=imagenet"], r"unknown benchmark 'imagenet'.*permuted_mnist_5k"),
     (["engine.devices=2"], r"'engine.devices'.*multi-device"),
     (["engine.devices=[0]"], r"'engine.devices'.*must be 1"),
@@ -87,13 +88,50 @@ def test_config_key_ignores_defaults_and_is_recomputable_from_mlflow_params(tmp_
 
     from helpers import run_config
 
-    from clbench.config import fingerprint, fingerprint_params, flatten
+    from clbench.config import flatten
+    from clbench.fingerprint import fingerprint, fingerprint_params
 
     base = run_config(tmp_path, "strategy=naive")
-    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.width=20"), False) == fingerprint(base, False)
-    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.width=21"), False) != fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.dropout=0.0"), False) == fingerprint(base, False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "model.dropout=0.1"), False) != fingerprint(base, False)
     assert fingerprint(run_config(tmp_path, "strategy=ewc"), False) != fingerprint(base, False)
     assert fingerprint(run_config(tmp_path, "strategy=naive", "seed=3"), False) == fingerprint(base, False)
     assert fingerprint(run_config(tmp_path, "strategy=naive", "seed=3")) != fingerprint(base)
     params = {k: str(v) for k, v in flatten(asdict(base)).items()}
     assert fingerprint_params(params) == fingerprint(base, with_seed=False)
+
+
+def test_a_run_logs_its_own_families_keys_only(tmp_path):
+    """An MLP run logs the MLP's keys, not the spiking nets'; a non-federated run no federated.* keys."""
+    from helpers import run_config
+
+    from clbench.fingerprint import run_params
+
+    mlp = run_params(run_config(tmp_path, "strategy=naive"))
+    assert "model.hidden" in mlp and "model.dropout" in mlp
+    assert not {"model.tau", "model.channels", "model.width", "model.time_steps"} & set(mlp)
+    assert not any(k.startswith("federated.") for k in mlp)
+    snn = run_params(run_config(tmp_path, "strategy=naive", "model=snn_cnn"))
+    assert {"model.tau", "model.channels", "model.bn_running_stats"} <= set(snn) and "model.hidden" not in snn
+    fot = run_params(run_config(tmp_path, "strategy=fot", "benchmark=permuted_digits"))
+    assert "federated.clients" in fot
+
+
+def test_a_method_is_named_once():
+    """The registration names a strategy; no strategy or model yaml repeats it, yet the composed config has it."""
+    from helpers import CONF
+    from hydra import compose, initialize_config_dir
+
+    for group in ("strategy", "model"):
+        for path in (Path(CONF) / group).glob("*.yaml"):
+            assert not any(line.startswith("name:") for line in path.read_text().splitlines()), path
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = load(compose(config_name="config", overrides=["strategy=rogo", "model=resnet18"]))
+    assert (cfg.strategy.name, cfg.model.name) == ("rogo", "resnet18")
+
+
+def test_a_key_of_another_family_is_refused_naming_the_valid_ones(tmp_path):
+    from helpers import run_config
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.tau'.*'hidden'"):
+        run_config(tmp_path, "+model.tau=2.0")

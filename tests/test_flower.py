@@ -23,8 +23,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from helpers import run_config
 
 from clbench.experiment import run
-from clbench.federated import flower_app
-from clbench.federated.flower_app import (
+from clbench.federated.messages import FromClient, ToClient
+from clbench.flower import app as flower_app
+from clbench.flower.app import (
     CONFIG_KEY,
     FlowerClients,
     config_text,
@@ -34,8 +35,8 @@ from clbench.federated.flower_app import (
     encode_to_client,
     load_config,
 )
-from clbench.federated.flower_launch import absolute_paths, write_app
-from clbench.federated.messages import FromClient, ToClient
+from clbench.flower.launch import absolute_paths, write_app
+from clbench.runner import execute
 
 TINY = ("benchmark=permuted_digits", "benchmark.n_tasks=2", "engine.lr=0.1", "engine.batch_size=16",
         "federated.clients=3", "federated.per_round=2", "federated.rounds_per_task=2")
@@ -199,7 +200,7 @@ def test_real_superlink_and_supernodes_give_the_in_process_accuracy_matrix(tmp_p
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     before = _flower_processes()
     cfg = run_config(tmp_path, *TINY, "strategy=fot", "federated.secure_sum=true", "federated.flower_timeout=300")
-    flower = run(dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, engine="flower")))
+    flower = execute(dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, engine="flower")))
     inprocess = run(cfg)
     np.testing.assert_array_equal(flower.R, inprocess.R)
     np.testing.assert_array_equal(flower.initial, inprocess.initial)

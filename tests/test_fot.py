@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import clbench.federated.loop as loop_module
-from clbench.config import ConfigError, load
+from clbench.compose import load
+from clbench.config import ConfigError
 from clbench.experiment import RunResult, run
 from clbench.federated import gpse_traffic, round_traffic, sketch_shapes, tensor_bytes
 from clbench.federated.loop import FederatedLoop

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clbench.config import ModelConfig
-from clbench.models import MODELS, build_model
+from clbench.models import MODELS, build_model, model_config
 from clbench.models import alexnet as alexnet_mod
 from clbench.models import resnet as resnet_mod
 from clbench.models.alexnet import AlexNet
@@ -240,17 +239,17 @@ def test_conv_nets_refuse_flat_streams_and_are_registered(name):
     assert name in MODELS
     flat = StreamSpec("split_digits", 5, (64,), (2,) * 5, 10, True)
     with pytest.raises(ValueError, match=rf"model.name={name}.*split_digits.*\(64,\)"):
-        build_model(ModelConfig(name=name), flat)
+        build_model(model_config(name), flat)
     tiny = StreamSpec("tiny_images", 2, (3, 4, 4), (2, 2), 4, True)
     with pytest.raises(ValueError, match=rf"model.name={name}.*tiny_images.*too small"):
-        build_model(ModelConfig(name=name), tiny)
+        build_model(model_config(name), tiny)
     images = StreamSpec("images", 2, CIFAR, (3, 4), 7, True)
-    model = build_model(ModelConfig(name=name), images)
+    model = build_model(model_config(name), images)
     assert model.multi_head and [h.out_features for h in model.heads] == [3, 4]
 
 
 def test_resnet18_config_width_and_stem_stride():
     spec = StreamSpec("mini", 2, MINI, (5, 5), 10, False)
-    model = build_model(ModelConfig(name="resnet18", width=8, stem_stride=2), spec)
+    model = build_model(model_config("resnet18", width=8, stem_stride=2), spec)
     assert isinstance(model, ResNet18) and model.flat_features == 8 * 8 * 3 * 3
     assert not model.multi_head and model.head.out_features == 10

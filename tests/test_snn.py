@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import gen, run_config
 
-from clbench.config import ConfigError, ModelConfig
+from clbench.config import ConfigError
 from clbench.experiment import run
-from clbench.models import MODELS, build_model
+from clbench.models import MODELS, build_model, model_config
 from clbench.models.snn import BPTTNeuron, DSRNeuron, SpikingMLP, make_neuron, time_weights, weighted_rate
 from clbench.streams import StreamSpec
 from clbench.subspace import LayerProjector, collect_layer_inputs, threshold_basis
@@ -159,11 +159,11 @@ def test_time_steps_are_configurable_and_the_model_is_registered():
     assert "snn_mlp" in MODELS
     spec = StreamSpec("digits", 2, (64,), (10, 10), 10, False)
     for steps in (1, 7):
-        net = build_model(ModelConfig(name="snn_mlp", hidden=[8], time_steps=steps), spec)
+        net = build_model(model_config("snn_mlp", hidden=[8], time_steps=steps), spec)
         assert isinstance(net, SpikingMLP) and net.spikes(torch.rand(3, 64)).shape == (3, steps, 8)
-    bptt = build_model(ModelConfig(name="snn_mlp", hidden=[8], neuron="bptt", tau=3.0), spec)
+    bptt = build_model(model_config("snn_mlp", hidden=[8], neuron="bptt", tau=3.0), spec)
     assert isinstance(bptt.neurons[0], BPTTNeuron) and bptt.neurons[0].tau == 3.0 and bptt.neurons[0].v_th == 1.0
-    dsr = build_model(ModelConfig(name="snn_mlp", hidden=[8]), spec)
+    dsr = build_model(model_config("snn_mlp", hidden=[8]), spec)
     assert isinstance(dsr.neurons[0], DSRNeuron) and float(dsr.neurons[0].v_th.detach()) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="hidden"):
         SpikingMLP((64,), [], (10,), False, 10, time_steps=2, neuron=DSRNeuron)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from helpers import gen, run_config
 from torch import Tensor, nn
 
-from clbench.config import ConfigError, ModelConfig
-from clbench.models import MODELS, build_model
+from clbench.config import ConfigError
+from clbench.models import MODELS, build_model, model_config
 from clbench.models.snn import BPTTNeuron, DSRNeuron, SpikingClassifier, make_neuron
 from clbench.models.snn_conv import (
     SpikingBasicBlock,
@@ -325,7 +325,7 @@ def test_updates_orthogonal_to_the_recorded_inputs_keep_old_outputs(kind):
 def test_models_build_from_config_for_a_32x32_stream():
     assert {"snn_cnn", "snn_resnet18"} <= set(MODELS)
     spec = StreamSpec("cifar", 2, (3, 32, 32), (10, 10), 20, True)
-    cnn = build_model(ModelConfig(name="snn_cnn", time_steps=2), spec)
+    cnn = build_model(model_config("snn_cnn", time_steps=2), spec)
     assert isinstance(cnn, SpikingCNN) and cnn.multi_head and cnn.time_steps == 2
     assert cnn.flat_features == 4096 and [(h.in_features, h.out_features) for h in cnn.heads] == [(4096, 10)] * 2
     assert [c.out_channels for c in cnn.convs] == [64, 128, 256] and isinstance(cnn.neurons[0], DSRNeuron)
@@ -334,22 +334,22 @@ def test_models_build_from_config_for_a_32x32_stream():
     x = torch.randn(2, 3, 32, 32, generator=gen(9))
     with torch.no_grad():
         assert cnn(x, torch.zeros(2, dtype=torch.long)).shape == (2, 10)
-    res = build_model(ModelConfig(name="snn_resnet18", time_steps=2, neuron="bptt", tau=3.0), spec)
+    res = build_model(model_config("snn_resnet18", time_steps=2, neuron="bptt", tau=3.0), spec)
     assert isinstance(res, SpikingResNet18) and res.flat_features == 160 and res.conv1.kernel_size == (3, 3)
     assert isinstance(res.sn1, BPTTNeuron) and res.sn1.tau == 3.0
     assert res.heads[0].in_features == 160 and res.layers[7].conv2.out_channels == 160
     with torch.no_grad():
         assert res(x, torch.ones(2, dtype=torch.long)).shape == (2, 10)
     mini = StreamSpec("mini", 2, (3, 84, 84), (5, 5), 10, True)
-    res84 = build_model(ModelConfig(name="snn_resnet18", width=4, stem_stride=2, bn_running_stats=True), mini)
+    res84 = build_model(model_config("snn_resnet18", width=4, stem_stride=2, bn_running_stats=True), mini)
     assert isinstance(res84, SpikingResNet18) and res84.conv1.kernel_size == (5, 5) and res84.flat_features == 32
     assert res84.bn1.track_running_stats and not cnn.bns[0].track_running_stats
-    small = build_model(ModelConfig(name="snn_cnn", channels=[4, 8]), StreamSpec("s", 1, (1, 8, 8), (3,), 3, False))
+    small = build_model(model_config("snn_cnn", channels=[4, 8]), StreamSpec("s", 1, (1, 8, 8), (3,), 3, False))
     assert isinstance(small, SpikingCNN) and small.flat_features == 8 * 2 * 2 and not small.multi_head
     flat = StreamSpec("digits", 2, (64,), (5, 5), 10, True)
     for name in ("snn_cnn", "snn_resnet18"):
         with pytest.raises(ValueError, match=rf"model.name={name}.*digits"):
-            build_model(ModelConfig(name=name), flat)
+            build_model(model_config(name), flat)
 
 
 def test_config_files(tmp_path):

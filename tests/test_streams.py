@@ -54,6 +54,10 @@ def row_set(x: torch.Tensor) -> set[bytes]:
 def test_registry_has_every_stream() -> None:
     assert set(STREAMS) == {
         "permuted_digits",
+        "keyword_topics",
+        "offline_text",
+        "olora_standard",
+        "olora_long",
         "split_digits",
         "permuted_mnist1d",
         "split_mnist1d",

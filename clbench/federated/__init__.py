@@ -5,7 +5,8 @@ Modules:
 
 * :mod:`~clbench.federated.partition` — one task's samples split over K clients: IID, FOT's 2-shard
   non-IID split, per-class Dirichlet(α).
-* :mod:`~clbench.federated.gpse` — GPSE: the client's residual sketch Y_k = (A_k − U Uᵀ A_k) G_k and ratio,
+* :mod:`clbench.subspace.gpse` (the subspace core's, re-exported) — GPSE: the client's residual sketch
+  Y_k = (A_k − U Uᵀ A_k) G_k and ratio,
   the server's basis extension from Σ_k Y_k; FedProject of the aggregated update.
 * :mod:`~clbench.federated.secure_sum` — pairwise additive masking, so the server sees only the sum.
 * :mod:`~clbench.federated.comm` — bytes per round (FedAvg = FOT) and per GPSE exchange.
@@ -17,8 +18,10 @@ Modules:
 The linear algebra (energy rule, basis extension, projection) is :mod:`clbench.subspace`'s.
 """
 
-from clbench.federated.comm import Traffic, gpse_traffic, round_traffic, sketch_shapes, tensor_bytes
-from clbench.federated.gpse import (
+from clbench.federated.comm import Traffic, gpse_traffic, round_traffic, tensor_bytes
+from clbench.federated.partition import dirichlet_partition, iid_partition, partition, shard_partition
+from clbench.federated.secure_sum import PairwiseMasking, secure_sum
+from clbench.subspace.gpse import (
     GPSEConfig,
     LayerSketch,
     ResidualSketcher,
@@ -28,11 +31,10 @@ from clbench.federated.gpse import (
     mean_ratio,
     pack_sketches,
     project_update,
+    sketch_shapes,
     sum_sketches,
     unpack_sketches,
 )
-from clbench.federated.partition import dirichlet_partition, iid_partition, partition, shard_partition
-from clbench.federated.secure_sum import PairwiseMasking, secure_sum
 
 __all__ = [
     "GPSEConfig",

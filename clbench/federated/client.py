@@ -5,7 +5,7 @@ exactly as a centralized experience trains (a fresh optimizer per round, as the 
 ``penalty``/``project`` hooks apply if it has them), and answers the strategy's task-end request with
 ``strategy.client_report`` (FOT: the residual sketches), masked for a secure sum when the round names its
 peers. The same function serves the in-process engine and Flower's ClientApp
-(:mod:`clbench.federated.flower_app`): a client's reply depends only on the message, the run's config and its
+(:mod:`clbench.flower.app`): a client's reply depends only on the message, the run's config and its
 local data.
 """
 

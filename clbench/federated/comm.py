@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["Traffic", "gpse_traffic", "round_traffic", "sketch_shapes", "tensor_bytes"]
+__all__ = ["Traffic", "gpse_traffic", "round_traffic", "tensor_bytes"]
 
 
 def tensor_bytes(tensors: Tensor | Mapping[str, Tensor] | Iterable[Tensor]) -> int:
@@ -58,23 +58,6 @@ def round_traffic(model_bytes: int, num_clients: int, basis_bytes: int = 0) -> T
     if num_clients < 0:
         raise ValueError(f"num_clients must be >= 0, got {num_clients}")
     return Traffic(up=num_clients * model_bytes, down=num_clients * (model_bytes + basis_bytes))
-
-
-def sketch_shapes(
-    state: Mapping[str, Tensor], layers: Iterable[str], factor: int | Mapping[str, int] = 1
-) -> dict[str, tuple[int, int]]:
-    """(d_l, m_l) of each projected layer: d_l = the weight's fan-in (``weight[0].numel()``, conv: C·kh·kw),
-    m_l = factor·d_l (``factor`` one int or per layer; the code: 1 or 5, see the module docstring)."""
-    out: dict[str, tuple[int, int]] = {}
-    for name in layers:
-        if name not in state:
-            raise KeyError(f"sketch_shapes: {name!r} is not in the state dict")
-        d = state[name][0].numel()
-        f = factor[name] if isinstance(factor, Mapping) else factor
-        if f < 1:
-            raise ValueError(f"sketch_shapes: factor for {name!r} must be >= 1, got {f}")
-        out[name] = (d, f * d)
-    return out
 
 
 def gpse_traffic(

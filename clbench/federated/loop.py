@@ -21,7 +21,7 @@ FedAvg see the same partitions, clients and client randomness, so FOT's first ta
 bit for bit.
 
 Engines differ only in the transport: :class:`InProcessClients` (``federated.engine=inprocess``) runs each
-client here, one after another; :class:`clbench.federated.flower_app.FlowerClients`
+client here, one after another; :class:`clbench.flower.app.FlowerClients`
 (``federated.engine=flower``) sends the same messages to Flower SuperNodes, whose ClientApps run the same
 :func:`clbench.federated.client.run_client`. Both give the same accuracy matrix.
 

@@ -11,20 +11,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from clbench.context import TaskEndRequest
 
-@dataclass(frozen=True)
-class TaskEndRequest:
-    """What a strategy's server asks the clients of a task's last round (FOT: GPSE, fot.md §2 steps 5-6).
-
-    Attributes:
-        arrays: sent to every such client (FOT: the global bases U_l, for the residuals).
-        after_aggregation: False: each client answers right after its local training in the last round, from its
-            locally trained model, with its model upload (the code); True: in a separate query after the last
-            aggregation, from the global model (fot.md §9's Flower query round).
-    """
-
-    arrays: dict[str, Tensor]
-    after_aggregation: bool = False
+__all__ = ["FromClient", "TaskEndRequest", "ToClient"]
 
 
 @dataclass(frozen=True)

@@ -1,87 +1,102 @@
-"""The papers' networks. ``build_model`` picks one by ``model.name`` and sizes it from the stream."""
+"""The papers' networks and the language models. ``build_model`` picks one by ``model.name`` and sizes it from
+the stream; each family has its own config class (:data:`MODELS`), so a run logs its own family's keys only."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from clbench.models.alexnet import AlexNet
-from clbench.models.base import Classifier, ContinualModel
-from clbench.models.mlp import MLP
-from clbench.models.resnet import ResNet18
-from clbench.models.snn import SpikingMLP, SpikingNeuron, make_neuron
-from clbench.models.snn_conv import SpikingCNN, SpikingResNet18
+from clbench.config import ModelConfig
+from clbench.models.alexnet import AlexNet, AlexNetConfig
+from clbench.models.base import Classifier, ContinualModel, multi_head
+from clbench.models.mlp import MLP, MLPConfig
+from clbench.models.resnet import ResNet18, ResNetConfig
+from clbench.models.snn import SpikingMLP, SpikingMLPConfig
+from clbench.models.snn_conv import SpikingCNN, SpikingCNNConfig, SpikingResNet18, SpikingResNetConfig
 
 if TYPE_CHECKING:
-    from clbench.config import ModelConfig
     from clbench.streams import StreamSpec
 
 
-def _mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    return MLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head, spec.n_classes,
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its config class and its builder ``build(cfg, spec) -> ContinualModel``."""
+
+    config: type[ModelConfig]
+    build: Callable[[Any, Any], ContinualModel]
+
+
+def _image_net(build: Callable[[Any, Any], ContinualModel]) -> Callable[[Any, Any], ContinualModel]:
+    """``build``, with its ValueError (a stream whose samples are not images) naming model and stream."""
+
+    def wrapped(cfg: Any, spec: Any) -> ContinualModel:
+        try:
+            return build(cfg, spec)
+        except ValueError as e:
+            raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+
+    return wrapped
+
+
+def _mlp(cfg: MLPConfig, spec: StreamSpec) -> ContinualModel:
+    return MLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head(cfg, spec), spec.n_classes,
                bias=cfg.bias, dropout=cfg.dropout)
 
 
-def _alexnet(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    try:
-        return AlexNet(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes, bias=cfg.bias)
-    except ValueError as e:
-        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+def _alexnet(cfg: AlexNetConfig, spec: StreamSpec) -> ContinualModel:
+    return AlexNet(spec.input_shape, spec.classes_per_task, multi_head(cfg, spec), spec.n_classes, bias=cfg.bias)
 
 
-def _resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    try:
-        return ResNet18(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes, nf=cfg.width,
-                        stem_stride=cfg.stem_stride, bias=cfg.bias)
-    except ValueError as e:
-        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+def _resnet18(cfg: ResNetConfig, spec: StreamSpec) -> ContinualModel:
+    return ResNet18(spec.input_shape, spec.classes_per_task, multi_head(cfg, spec), spec.n_classes, nf=cfg.width,
+                    stem_stride=cfg.stem_stride, bias=cfg.bias)
 
 
-def _neuron_factory(cfg: ModelConfig) -> Callable[[], SpikingNeuron]:
-    """A factory of one layer of ``cfg.neuron`` neurons with the config's parameters."""
-
-    def neuron() -> SpikingNeuron:
-        return make_neuron(cfg.neuron, tau=cfg.tau, v_th=cfg.v_th, dt=cfg.dt, fire_at=cfg.fire_at,
-                           v_th_min=cfg.v_th_min, train_v_th=cfg.train_v_th, surrogate_alpha=cfg.surrogate_alpha)
-
-    return neuron
+def _snn_mlp(cfg: SpikingMLPConfig, spec: StreamSpec) -> ContinualModel:
+    return SpikingMLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head(cfg, spec),
+                      spec.n_classes, time_steps=cfg.time_steps, neuron=cfg.neuron_factory(), bias=cfg.bias)
 
 
-def _snn_mlp(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    return SpikingMLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head, spec.n_classes,
-                      time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), bias=cfg.bias)
+def _snn_cnn(cfg: SpikingCNNConfig, spec: StreamSpec) -> ContinualModel:
+    return SpikingCNN(spec.input_shape, spec.classes_per_task, multi_head(cfg, spec), spec.n_classes,
+                      time_steps=cfg.time_steps, neuron=cfg.neuron_factory(), channels=list(cfg.channels),
+                      bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
 
 
-def _snn_cnn(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    try:
-        return SpikingCNN(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes,
-                          time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), channels=list(cfg.channels),
-                          bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
-    except ValueError as e:
-        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+def _snn_resnet18(cfg: SpikingResNetConfig, spec: StreamSpec) -> ContinualModel:
+    return SpikingResNet18(spec.input_shape, spec.classes_per_task, multi_head(cfg, spec), spec.n_classes,
+                           time_steps=cfg.time_steps, neuron=cfg.neuron_factory(), nf=cfg.width,
+                           stem_stride=cfg.stem_stride, bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
 
 
-def _snn_resnet18(cfg: ModelConfig, spec: StreamSpec, multi_head: bool) -> ContinualModel:
-    try:
-        return SpikingResNet18(spec.input_shape, spec.classes_per_task, multi_head, spec.n_classes,
-                               time_steps=cfg.time_steps, neuron=_neuron_factory(cfg), nf=cfg.width,
-                               stem_stride=cfg.stem_stride, bias=cfg.bias, bn_running_stats=cfg.bn_running_stats)
-    except ValueError as e:
-        raise ValueError(f"model.name={cfg.name} cannot take benchmark '{spec.name}': {e}") from e
+MODELS: dict[str, ModelEntry] = {
+    "mlp": ModelEntry(MLPConfig, _mlp),
+    "alexnet": ModelEntry(AlexNetConfig, _image_net(_alexnet)),
+    "resnet18": ModelEntry(ResNetConfig, _image_net(_resnet18)),
+    "snn_mlp": ModelEntry(SpikingMLPConfig, _snn_mlp),
+    "snn_cnn": ModelEntry(SpikingCNNConfig, _image_net(_snn_cnn)),
+    "snn_resnet18": ModelEntry(SpikingResNetConfig, _image_net(_snn_resnet18)),
+}
+"""Registry: model name → its config class and builder."""
 
 
-MODELS: dict[str, Callable[[ModelConfig, StreamSpec, bool], ContinualModel]] = {
-    "mlp": _mlp, "alexnet": _alexnet, "resnet18": _resnet18, "snn_mlp": _snn_mlp, "snn_cnn": _snn_cnn,
-    "snn_resnet18": _snn_resnet18}
+def model_config(name: str, **values: Any) -> ModelConfig:
+    """The config of model ``name`` with ``values`` over its family's defaults (what ``model=<name>`` gives).
+
+    Raises:
+        ValueError: an unknown model name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not a registered model; valid: {sorted(MODELS)}")
+    return MODELS[name].config(name=name, **values)
 
 
-def build_model(cfg: ModelConfig, spec: StreamSpec) -> ContinualModel:
-    """Build ``cfg.name`` for the stream: input size, classes and head layout from ``spec``."""
-    if cfg.head == "multi" and not spec.multi_head:
-        raise ValueError(f"model.head=multi needs a task-incremental stream; '{spec.name}' has one label space")
-    multi = spec.multi_head if cfg.head == "auto" else cfg.head == "multi"
-    return MODELS[cfg.name](cfg, spec, multi)
+def build_model(cfg: ModelConfig, spec: Any) -> ContinualModel:
+    """Build ``cfg.name`` for the stream: input size, classes and head layout (or tokenizer and tasks) from
+    ``spec``."""
+    return MODELS[cfg.name].build(cfg, spec)
 
 
-__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ResNet18", "SpikingCNN", "SpikingMLP",
-           "SpikingResNet18", "build_model"]
+__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ModelEntry", "ResNet18", "SpikingCNN",
+           "SpikingMLP", "SpikingResNet18", "build_model", "model_config"]

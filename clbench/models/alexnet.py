@@ -7,10 +7,12 @@ then the head(s). On 3×32×32 inputs the spatial sizes are 32→29→14→12→
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from clbench.models.base import Classifier, image_shape
+from clbench.models.base import Classifier, ClassifierConfig, image_shape
 
 GPM_SAMPLES: list[int] = [24, 100, 100, 125, 125]
 """GPM's per-layer n_s for conv1, conv2, conv3, fc1, fc2 (protected order) on CIFAR-100: of the 125 samples
@@ -21,6 +23,13 @@ CONVS: tuple[tuple[int, int], ...] = ((64, 4), (128, 3), (256, 2))
 
 DROPOUT: tuple[float, ...] = (0.2, 0.2, 0.5, 0.5, 0.5)
 """Dropout after conv1, conv2, conv3, fc1, fc2 (the official code's drop1 = 0.2, drop2 = 0.5)."""
+
+
+@dataclass
+class AlexNetConfig(ClassifierConfig):
+    """``model=alexnet`` (GPM's 5-layer AlexNet; no keys beyond ``bias`` and ``head``)."""
+
+    name: str = "alexnet"
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

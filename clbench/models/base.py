@@ -1,11 +1,27 @@
-"""What every network in clbench provides, so classifiers, spiking nets and LMs share one loop."""
+"""What every network in clbench provides, so classifiers, spiking nets and LMs share one loop.
+
+The loop never looks inside a batch: a stream yields samples, the model turns them into tensors once
+(:meth:`ContinualModel.collate`, for samples that are not tensors already), and every batch the loop handles is
+then a tuple or a dict of tensors sharing their first dimension (the samples). Only the model reads its fields:
+it computes its training loss (:meth:`ContinualModel.loss`), scores a batch (:meth:`ContinualModel.score`: named
+per-sample scores, which the loop averages) and runs a forward pass for the layer hooks of the subspace methods
+(:meth:`ContinualModel.outputs`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-Batch = tuple[torch.Tensor, ...]
+from clbench.config import ModelConfig, check
+from clbench.streams.batches import Batch
+
+if TYPE_CHECKING:
+    from clbench.streams import StreamSpec
 
 
 def image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -22,21 +38,30 @@ def image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
 
 
 class ContinualModel(nn.Module):
-    """A network that knows its own loss and prediction on a batch ``(x, y, t)``.
+    """A network that knows its own batches: their loss, their scores and their forward pass.
 
-    Subclasses implement :meth:`forward`, and say which layers the gradient-projection family protects
-    (:meth:`protected_layers`: the papers' choice for the network, e.g. all layers but per-task heads).
+    Subclasses implement :meth:`loss`, :meth:`score`, :meth:`outputs` and :meth:`protected_layers` (the
+    papers' choice of layers the gradient-projection family protects, e.g. all layers but per-task heads).
     """
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def collate(self, samples: Sequence[Any]) -> Batch:
+        """The tensors of ``samples`` (one experience's, all at once), for streams whose samples are not
+        tensors (text); image streams are read as ``(x, y, t)`` tensors without it."""
+        raise TypeError(f"{type(self).__name__} takes tensor samples; it cannot collate {type(samples[0])}")
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Mean task loss of the batch (cross-entropy for a classifier)."""
+        """Mean training loss of the batch (cross-entropy for a classifier), a scalar with a graph."""
         raise NotImplementedError
 
-    def predict(self, batch: Batch) -> torch.Tensor:
-        """Predicted labels, comparable with ``batch[1]``."""
+    def score(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Named per-sample scores of the batch (each of shape ``(n,)``), averaged over an evaluation set by the
+        loop: e.g. ``accuracy`` (0 or 100 per sample) for a classifier, ``exact_match`` and ``loss`` for a
+        generator. The stream names the primary one, which fills the matrix R."""
+        raise NotImplementedError
+
+    def outputs(self, batch: Batch) -> Any:
+        """The forward pass of the batch (logits); the subspace methods run it for the layer inputs it shows
+        their hooks."""
         raise NotImplementedError
 
     def protected_layers(self) -> dict[str, nn.Module]:
@@ -91,7 +116,17 @@ class Classifier(ContinualModel):
             total = total + nn.functional.cross_entropy(self.heads[task](hs), ys, reduction="sum")
         return total / y.shape[0]
 
+    def score(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``accuracy``: 100 for a sample whose predicted label is ``y``, else 0."""
+        y = batch[1]
+        return {"accuracy": (self.predict(batch) == y).to(torch.float64) * 100.0}
+
+    def outputs(self, batch: Batch) -> torch.Tensor:
+        """Logits of ``(x, y, t)`` (one task per batch for a multi-head net)."""
+        return self(batch[0], batch[2])
+
     def predict(self, batch: Batch) -> torch.Tensor:
+        """Predicted labels of ``(x, y, t)``, comparable with ``y``."""
         x, t = batch[0], batch[2]
         h = self.features(x)
         if not self.multi_head:
@@ -108,3 +143,34 @@ class Classifier(ContinualModel):
         if self.multi_head:
             return {f"heads.{i}" for i in range(len(self.heads))}
         return {"head"}
+
+
+@dataclass
+class ClassifierConfig(ModelConfig):
+    """Keys every classifier family shares.
+
+    Attributes:
+        bias: whether the layers have biases (GPM's nets have none).
+        head: ``auto`` (one head per task when the stream is task-incremental, else one shared head),
+            ``single`` or ``multi``.
+    """
+
+    bias: bool = False
+    head: str = "auto"
+
+    def validate(self) -> None:
+        check(self.head in HEADS, "model.head", f"'{self.head}' is not one of {list(HEADS)}")
+
+
+HEADS = ("auto", "single", "multi")
+
+
+def multi_head(cfg: ClassifierConfig, spec: StreamSpec) -> bool:
+    """Whether a classifier of ``cfg`` on the stream ``spec`` has one head per task.
+
+    Raises:
+        ValueError: ``model.head=multi`` on a stream with one label space.
+    """
+    if cfg.head == "multi" and not spec.multi_head:
+        raise ValueError(f"model.head=multi needs a task-incremental stream; '{spec.name}' has one label space")
+    return spec.multi_head if cfg.head == "auto" else cfg.head == "multi"

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from clbench.models.base import Classifier
+from clbench.config import check
+from clbench.models.base import Classifier, ClassifierConfig
+
+
+@dataclass
+class MLPConfig(ClassifierConfig):
+    """``model=mlp``.
+
+    Attributes:
+        hidden: widths of the hidden layers (GPM's PMNIST net: [100, 100]).
+        dropout: dropout after each hidden activation (0: none).
+    """
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(all(h >= 1 for h in self.hidden), "model.hidden", f"{self.hidden}; widths must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout}; must be in [0, 1)")
 
 
 class MLP(Classifier):

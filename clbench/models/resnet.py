@@ -9,12 +9,14 @@ statistics (``track_running_stats=False``). Features: 8nf·2·2 = 640 for 3×32�
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.models.base import Classifier, image_shape
+from clbench.config import check
+from clbench.models.base import Classifier, ClassifierConfig, image_shape
 
 GPM_SAMPLES: list[int] = [10, 10, 10, 10, 10, 10, 10, 10, 10, 50, 50, 50, 50, 100, 100, 100, 100, 100, 100, 100]
 """GPM's per-layer n_s for the 20 protected convs, in :meth:`ResNet18.protected_layers` order (5-Datasets).
@@ -28,6 +30,30 @@ and follows its block's conv2, as in the official ``mat_final`` and parameter or
     stem 10 | layer1: 10 10 10 10 | layer2: 10 10 [sc 10] 10 50 | layer3: 50 50 [sc 50] 100 100 |
     layer4: 100 100 [sc 100] 100 100
 """
+
+
+@dataclass
+class ResNetConfig(ClassifierConfig):
+    """``model=resnet18`` (GPM's reduced ResNet-18).
+
+    Attributes:
+        width: base width nf (GPM: 20).
+        stem_stride: stride of the first conv (1 for 32×32 inputs, 2 for miniImageNet's 84×84).
+    """
+
+    name: str = "resnet18"
+    width: int = 20
+    stem_stride: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        check_width_stem(self.width, self.stem_stride)
+
+
+def check_width_stem(width: int, stem_stride: int) -> None:
+    """``model.width`` >= 1 and ``model.stem_stride`` in (1, 2), for the ResNets."""
+    check(width >= 1, "model.width", f"{width}; must be >= 1")
+    check(stem_stride in (1, 2), "model.stem_stride", f"{stem_stride}; must be 1 or 2")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:

@@ -34,12 +34,14 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from clbench.models.base import Classifier
+from clbench.config import check
+from clbench.models.base import Classifier, ClassifierConfig
 
 __all__ = ["NEURONS", "BPTTNeuron", "DSRNeuron", "SpikingClassifier", "SpikingMLP", "SpikingNeuron", "make_neuron",
            "time_weights", "weighted_rate"]
@@ -203,6 +205,73 @@ def make_neuron(kind: str, tau: float | None = None, v_th: float | None = None, 
         return BPTTNeuron(tau=2.0 if tau is None else tau, v_th=1.0 if v_th is None else v_th,
                           alpha=surrogate_alpha)
     raise ValueError(f"unknown neuron kind {kind!r}; valid: {list(NEURONS)}")
+
+
+@dataclass
+class SpikingConfig(ClassifierConfig):
+    """Keys of every spiking net (HLOP's).
+
+    Attributes:
+        time_steps: T, the simulated time steps per sample (HLOP: 20 under DSR, 6 under BPTT).
+        neuron: ``dsr`` (LIF trained by DSR, HLOP's main results) or ``bptt`` (LIF, BPTT with a sigmoid
+            surrogate).
+        tau: the membrane time constant τ; null = the neuron's paper value (DSR 1, BPTT 2).
+        v_th: the (initial) threshold V_th; null = the neuron's paper value (DSR 0.3, BPTT 1).
+        dt: DSR: the step Δt (0.05); spikes carry V_th/Δt.
+        fire_at: DSR: fire when the potential reaches this fraction of V_th (0.3; the reset subtracts V_th).
+        v_th_min: DSR: lower bound of the trainable V_th (5e-4).
+        train_v_th: DSR: V_th is a trainable parameter (one per layer).
+        surrogate_alpha: BPTT: steepness α of the sigmoid surrogate gradient (4).
+    """
+
+    time_steps: int = 20
+    neuron: str = "dsr"
+    tau: float | None = None
+    v_th: float | None = None
+    dt: float = 0.05
+    fire_at: float = 0.3
+    v_th_min: float = 5e-4
+    train_v_th: bool = True
+    surrogate_alpha: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.time_steps >= 1, "model.time_steps", f"{self.time_steps}; must be >= 1")
+        check(self.neuron in NEURONS, "model.neuron", f"'{self.neuron}' is not one of {list(NEURONS)}")
+        check(self.tau is None or (self.tau > 0 and (self.neuron != "bptt" or self.tau >= 1)), "model.tau",
+              f"{self.tau}; must be > 0 (>= 1 for the bptt neuron, whose leak is 1 - 1/tau) or null")
+        check(self.v_th is None or self.v_th > 0, "model.v_th", f"{self.v_th}; must be > 0 or null")
+        check(self.dt > 0, "model.dt", f"{self.dt}; must be > 0")
+        check(0 < self.fire_at <= 1, "model.fire_at", f"{self.fire_at}; must be in (0, 1]")
+        check(self.v_th_min >= 0, "model.v_th_min", f"{self.v_th_min}; must be >= 0")
+        check(self.surrogate_alpha > 0, "model.surrogate_alpha", f"{self.surrogate_alpha}; must be > 0")
+
+    def neuron_factory(self) -> Callable[[], SpikingNeuron]:
+        """A factory of one layer of ``neuron`` neurons with this config's parameters."""
+
+        def neuron() -> SpikingNeuron:
+            return make_neuron(self.neuron, tau=self.tau, v_th=self.v_th, dt=self.dt, fire_at=self.fire_at,
+                               v_th_min=self.v_th_min, train_v_th=self.train_v_th,
+                               surrogate_alpha=self.surrogate_alpha)
+
+        return neuron
+
+
+@dataclass
+class SpikingMLPConfig(SpikingConfig):
+    """``model=snn_mlp``.
+
+    Attributes:
+        hidden: widths of the hidden layers (HLOP's PMNIST net: [800, 800]); at least one.
+    """
+
+    name: str = "snn_mlp"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+
+    def validate(self) -> None:
+        super().validate()
+        check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "model.hidden",
+              f"{self.hidden}; snn_mlp needs at least one hidden layer, each width >= 1")
 
 
 class SpikingClassifier(Classifier):

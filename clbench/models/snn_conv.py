@@ -22,17 +22,60 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from clbench.config import check
 from clbench.models.base import image_shape
-from clbench.models.snn import SpikingClassifier, SpikingNeuron
+from clbench.models.resnet import check_width_stem
+from clbench.models.snn import SpikingClassifier, SpikingConfig, SpikingNeuron
 
 __all__ = ["CNN_CHANNELS", "SpikingBasicBlock", "SpikingCNN", "SpikingResNet18", "TimeAvgPool2d",
            "TimeBatchNorm2d", "TimeConv2d", "repeat_in_time"]
 
 CNN_CHANNELS: tuple[int, ...] = (64, 128, 256)
 """Widths of the spiking CNN's three conv stages (HLOP, CIFAR-100)."""
+
+
+@dataclass
+class SpikingCNNConfig(SpikingConfig):
+    """``model=snn_cnn`` (HLOP's CIFAR net).
+
+    Attributes:
+        channels: the conv widths (HLOP: [64, 128, 256]).
+        bn_running_stats: BatchNorm keeps running statistics for eval mode (HLOP's code); false: batch
+            statistics always (GPM's convention).
+    """
+
+    name: str = "snn_cnn"
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    bn_running_stats: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels",
+              f"{self.channels}; needs at least one width, each >= 1")
+
+
+@dataclass
+class SpikingResNetConfig(SpikingConfig):
+    """``model=snn_resnet18`` (HLOP's spiking ResNet-18).
+
+    Attributes:
+        width: base width nf (20).
+        stem_stride: 1 (3×3 stem for 32×32 inputs) or 2 (5×5 stem for 84×84).
+        bn_running_stats: as :class:`SpikingCNNConfig`.
+    """
+
+    name: str = "snn_resnet18"
+    width: int = 20
+    stem_stride: int = 1
+    bn_running_stats: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_width_stem(self.width, self.stem_stride)
 
 
 def _per_step(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

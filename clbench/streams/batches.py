@@ -1,8 +1,11 @@
 """Fast mini-batch sources over an experience's dataset (DESIGN.md, "Tensor cache").
 
-:func:`batch_source` materialises a dataset that fits in ``max_bytes`` once as three tensors ``x, y, t`` on
-the device and serves batches by index selection (:class:`TensorBatchSource`); a larger one streams through a
-``torch.utils.data.DataLoader`` (:class:`LoaderBatchSource`). Both give the same batches for the same
+:func:`batch_source` materialises a dataset that fits in ``max_bytes`` once as tensors on the device and serves
+batches by index selection (:class:`TensorBatchSource`); a larger one streams through a
+``torch.utils.data.DataLoader`` (:class:`LoaderBatchSource`). Samples that are tensors ``(x, y[, t])`` (the image
+streams) are read as three tensors ``x, y, t``; any other samples (text) are turned into tensors by the model's
+``collate`` (:meth:`clbench.models.base.ContinualModel.collate`), a tuple or dict of tensors. A source never
+looks inside a batch beyond its first dimension. Both give the same batches for the same
 generator state: a shuffled epoch is ``torch.randperm(len, generator=generator)`` cut into consecutive
 batches, the last one partial.
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,8 +28,28 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from clbench.streams.core import TensorSamples
 
-Batch = tuple[Tensor, Tensor, Tensor]
-"""``(x, y, t)``: inputs, int64 labels, int64 task labels, all on the source's device."""
+Samples = tuple[Tensor, Tensor, Tensor]
+"""``(x, y, t)``: inputs, int64 labels, int64 task labels of tensor samples, all on one device."""
+
+Batch = tuple[Tensor, ...] | Mapping[str, Tensor]
+"""A batch: a tuple (images: ``(x, y, t)``) or a dict (text: token ids, masks, ...) of tensors whose first
+dimension is the sample."""
+
+Collate = Callable[[Sequence[Any]], Batch]
+"""A model's ``collate``: the tensors of a list of samples."""
+
+
+def batch_len(batch: Batch) -> int:
+    """Number of samples in ``batch`` (the first dimension its tensors share)."""
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return int(first.shape[0])
+
+
+def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """``batch`` with ``fn`` applied to each tensor, its structure kept."""
+    if isinstance(batch, Mapping):
+        return {k: fn(v) for k, v in batch.items()}
+    return tuple(fn(v) for v in batch)
 
 _READ_BATCH = 1024
 """Batch size used to read a dataset through a DataLoader when materialising it."""
@@ -36,7 +59,7 @@ _LABEL_BYTES = 16
 
 
 class BatchSource(ABC):
-    """Mini-batches ``(x, y, t)`` of one dataset on one device."""
+    """Mini-batches of one dataset on one device."""
 
     device: torch.device
 
@@ -78,21 +101,30 @@ class BatchSource(ABC):
 
 
 class TensorBatchSource(BatchSource):
-    """A dataset held as three tensors on the device; batches are slices (in order) or index selections.
+    """A dataset held as tensors on the device (a tuple, e.g. ``(x, y, t)``, or a dict); batches are slices (in
+    order) or index selections of every tensor.
 
     Batches of an unshuffled epoch and the result of :meth:`all` are views of the cache: treat them as
     read-only.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, t: Tensor) -> None:
-        """Hold ``x, y, t`` (already on one device, same first dimension)."""
-        if not x.shape[0] == y.shape[0] == t.shape[0]:
-            raise ValueError(f"x, y, t have {x.shape[0]}, {y.shape[0]}, {t.shape[0]} rows")
-        self.x, self.y, self.t = x, y, t
-        self.device = x.device
-        self._n = int(x.shape[0])
-        # one task per experience is the rule: then a prefix view of t serves every batch without a copy
-        self._t_const = self._n > 0 and bool((t == t[0]).all())
+    def __init__(self, *fields: Tensor, **named: Tensor) -> None:
+        """Hold the tensors ``fields`` (a tuple batch) or ``named`` (a dict batch), already on one device, with
+        the same first dimension."""
+        if bool(fields) == bool(named):
+            raise ValueError("give the tensors either positionally (a tuple batch) or by name (a dict batch)")
+        tensors = list(fields or named.values())
+        sizes = {int(v.shape[0]) for v in tensors}
+        if len(sizes) != 1:
+            raise ValueError(f"the tensors of a batch source must share their first dimension, got {sorted(sizes)}")
+        self.data: Batch = dict(named) if named else tuple(fields)
+        self.device = tensors[0].device
+        self._n = sizes.pop()
+        # a field constant over the samples (the task label: one task per experience is the rule) is served as
+        # a prefix view, without a copy
+        keys = list(self.data) if named else range(len(fields))
+        self._const = {k for k, v in zip(keys, tensors, strict=True)
+                       if self._n > 0 and v.dim() == 1 and not v.is_floating_point() and bool((v == v[0]).all())}
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -103,24 +135,26 @@ class TensorBatchSource(BatchSource):
         """Always True."""
         return True
 
+    def _select(self, idx: Tensor) -> Batch:
+        n = idx.shape[0]
+        if isinstance(self.data, Mapping):
+            return {k: v[:n] if k in self._const else v.index_select(0, idx) for k, v in self.data.items()}
+        return tuple(v[:n] if k in self._const else v.index_select(0, idx) for k, v in enumerate(self.data))
+
     def batches(
         self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
         """See :meth:`BatchSource.batches`: one ``randperm`` per epoch, one ``index_select`` per tensor and
         batch, no host-to-device copy besides the permutation."""
         _check_batch_size(batch_size)
-        x, y, t, n = self.x, self.y, self.t, self._n
+        n = self._n
         if not shuffle:
             for s in range(0, n, batch_size):
-                yield x[s : s + batch_size], y[s : s + batch_size], t[s : s + batch_size]
+                yield map_batch(self.data, lambda v, s=s: v[s : s + batch_size])
             return
         order = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
-        if self._t_const:
-            for idx in order.split(batch_size):
-                yield x.index_select(0, idx), y.index_select(0, idx), t[: idx.shape[0]]
-        else:
-            for idx in order.split(batch_size):
-                yield x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx)
+        for idx in order.split(batch_size):
+            yield self._select(idx)
 
     def take(self, n: int, generator: torch.Generator | None = None) -> Batch:
         """See :meth:`BatchSource.take`."""
@@ -128,11 +162,11 @@ class TensorBatchSource(BatchSource):
         if n >= self._n:
             return self.all()
         idx = torch.randperm(self._n, generator=generator)[:n].to(self.device, non_blocking=True)
-        return self.x.index_select(0, idx), self.y.index_select(0, idx), self.t.index_select(0, idx)
+        return map_batch(self.data, lambda v: v.index_select(0, idx))
 
     def all(self) -> Batch:
         """The cached tensors themselves (read-only)."""
-        return self.x, self.y, self.t
+        return self.data
 
 
 class LoaderBatchSource(BatchSource):
@@ -191,26 +225,37 @@ class LoaderBatchSource(BatchSource):
 
 
 def batch_source(
-    dataset: Any, device: torch.device | str, max_bytes: int = 2**30, num_workers: int = 0
+    dataset: Any, device: torch.device | str, max_bytes: int = 2**30, num_workers: int = 0,
+    collate: Collate | None = None,
 ) -> BatchSource:
-    """A :class:`BatchSource` over ``dataset`` (samples ``(x, y[, t])``; missing ``t`` reads as 0).
+    """A :class:`BatchSource` over ``dataset``.
 
-    If ``len * (bytes of one x + 16)`` fits in ``max_bytes`` the dataset is materialised once on ``device``
-    (:class:`TensorBatchSource`), else it streams through a DataLoader with ``num_workers`` workers
-    (:class:`LoaderBatchSource`).
+    Tensor samples ``(x, y[, t])`` (missing ``t`` reads as 0): if ``len * (bytes of one x + 16)`` fits in
+    ``max_bytes`` the dataset is materialised once on ``device`` as ``(x, y, t)`` (:class:`TensorBatchSource`),
+    else it streams through a DataLoader with ``num_workers`` workers (:class:`LoaderBatchSource`). Any other
+    samples (text) are turned into tensors by ``collate`` (the model's), all at once, and cached.
+
+    Raises:
+        ValueError: an empty dataset, or samples that are not tensors and no ``collate``.
     """
     device = torch.device(device)
     n = len(dataset)
     if n == 0:
         raise ValueError("empty dataset")
-    x0 = dataset[0][0]
-    x0 = x0 if isinstance(x0, Tensor) else torch.as_tensor(x0)
+    first = dataset[0]
+    if not (isinstance(first, tuple | list) and isinstance(first[0], Tensor | np.ndarray)):
+        if collate is None:
+            raise ValueError(f"samples of type {type(first).__name__} need the model's collate")
+        batch = collate([dataset[i] for i in range(n)])
+        moved = map_batch(batch, lambda v: v.to(device))
+        return TensorBatchSource(**moved) if isinstance(moved, Mapping) else TensorBatchSource(*moved)
+    x0 = first[0] if isinstance(first[0], Tensor) else torch.as_tensor(first[0])
     if n * (x0.numel() * x0.element_size() + _LABEL_BYTES) > max_bytes:
         return LoaderBatchSource(dataset, device, num_workers)
     return TensorBatchSource(*materialise(dataset, device))
 
 
-def materialise(dataset: Any, device: torch.device | str = "cpu") -> Batch:
+def materialise(dataset: Any, device: torch.device | str = "cpu") -> Samples:
     """The whole dataset as fresh tensors ``(x, y, t)`` on ``device``: read directly from the backing tensors
     when possible (:func:`direct_tensors`), otherwise through a DataLoader."""
     device = torch.device(device)
@@ -225,7 +270,7 @@ def materialise(dataset: Any, device: torch.device | str = "cpu") -> Batch:
 # ---------------------------------------------------------------------------------- direct tensor access
 
 
-def direct_tensors(dataset: Any, device: torch.device | str = "cpu") -> Batch | None:
+def direct_tensors(dataset: Any, device: torch.device | str = "cpu") -> Samples | None:
     """``(x, y, t)`` on ``device`` read straight from the tensors behind ``dataset``, or ``None`` if that is
     not possible.
 
@@ -347,7 +392,7 @@ def _check_take(n: int) -> None:
         raise ValueError(f"take(n={n}) is invalid; valid: n >= 1")
 
 
-def _to_batch(batch: Any, device: torch.device) -> Batch:
+def _to_batch(batch: Any, device: torch.device) -> Samples:
     """A collated ``[x, y]`` or ``[x, y, t, ...]`` as ``(x, y, t)`` on ``device`` (``t`` = 0 if absent)."""
     x, y = batch[0], torch.as_tensor(batch[1]).long()
     t = torch.as_tensor(batch[2]).long() if len(batch) > 2 else torch.zeros_like(y)
@@ -355,7 +400,7 @@ def _to_batch(batch: Any, device: torch.device) -> Batch:
     return x.to(device, non_blocking=nb), y.to(device, non_blocking=nb), t.to(device, non_blocking=nb)
 
 
-def _cat(batches: list[Batch]) -> Batch:
+def _cat(batches: list[Samples]) -> Samples:
     return (
         torch.cat([b[0] for b in batches]),
         torch.cat([b[1] for b in batches]),

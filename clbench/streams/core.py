@@ -46,6 +46,7 @@ class StreamSpec:
             multi-head stream it is the sum over the tasks' heads).
         multi_head: True for task-incremental streams: labels are local ``0..c_t-1`` and the model uses task
             ``t``'s head. False: one head over ``n_classes`` global labels.
+        primary_score: the model score that fills R (:meth:`clbench.models.base.ContinualModel.score`).
     """
 
     name: str
@@ -54,6 +55,7 @@ class StreamSpec:
     classes_per_task: tuple[int, ...]
     n_classes: int
     multi_head: bool
+    primary_score: str = "accuracy"
 
 
 @dataclass
@@ -76,14 +78,19 @@ Builder = Callable[[BenchmarkConfig, int], Stream]
 STREAMS: dict[str, Builder] = {}
 """Registry: stream name -> ``builder(cfg, seed)``."""
 
+STREAM_CONFIGS: dict[str, type[BenchmarkConfig]] = {}
+"""Registry: stream name -> the config class of its family (:class:`BenchmarkConfig` or a subclass)."""
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator that registers a stream builder under ``name`` in :data:`STREAMS`."""
+
+def register(name: str, config: type[BenchmarkConfig] = BenchmarkConfig) -> Callable[[Builder], Builder]:
+    """Decorator that registers a stream builder under ``name`` in :data:`STREAMS`, with its family's config
+    class."""
 
     def deco(fn: Builder) -> Builder:
         if name in STREAMS:
             raise ValueError(f"stream {name!r} registered twice")
         STREAMS[name] = fn
+        STREAM_CONFIGS[name] = config
         return fn
 
     return deco

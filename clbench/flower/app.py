@@ -108,7 +108,7 @@ def config_text(cfg: RunConfig) -> str:
 @functools.cache
 def load_config(text: str) -> RunConfig:
     """The :class:`clbench.config.RunConfig` of :func:`config_text`'s YAML, validated again."""
-    from clbench.config import load
+    from clbench.compose import load
 
     return load(yaml.safe_load(text))
 

@@ -55,7 +55,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from clbench.subspace import extend_basis, project_out
+from clbench.subspace.basis import extend_basis
+from clbench.subspace.projection import project_out
 
 __all__ = [
     "RATIOS",
@@ -369,4 +370,21 @@ def project_update(update: Mapping[str, Tensor], bases: Mapping[str, Tensor | No
             continue
         delta = update[name]
         out[name] = project_out(delta.to(torch.float64), U.to(torch.float64)).to(delta.dtype)
+    return out
+
+
+def sketch_shapes(
+    state: Mapping[str, Tensor], layers: Iterable[str], factor: int | Mapping[str, int] = 1
+) -> dict[str, tuple[int, int]]:
+    """(d_l, m_l) of each projected layer: d_l = the weight's fan-in (``weight[0].numel()``, conv: C·kh·kw),
+    m_l = factor·d_l (``factor`` one int or per layer; the code: 1 or 5, see the module docstring)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name in layers:
+        if name not in state:
+            raise KeyError(f"sketch_shapes: {name!r} is not in the state dict")
+        d = state[name][0].numel()
+        f = factor[name] if isinstance(factor, Mapping) else factor
+        if f < 1:
+            raise ValueError(f"sketch_shapes: factor for {name!r} must be >= 1, got {f}")
+        out[name] = (d, f * d)
     return out

@@ -1,9 +1,9 @@
 """Submitting a run to Flower (``federated.engine=flower``; fot.md §9), and the local federation on loopback.
 
 :func:`launch` writes a Flower app for the run (a ``pyproject.toml`` whose components are
-:mod:`clbench.federated.flower_app`'s ServerApp and ClientApp, and whose run config carries the run's config),
+:mod:`clbench.flower.app`'s ServerApp and ClientApp, and whose run config carries the run's config),
 submits it with ``flwr run <app> <federation> --stream``, echoes the run's log and reads the run's result from
-the ServerApp's last line (:data:`clbench.federated.flower_app.RESULT_MARKER`).
+the ServerApp's last line (:data:`clbench.flower.app.RESULT_MARKER`).
 
 The federation is either
 
@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 import tomli_w
 
-from clbench.federated.flower_app import CONFIG_KEY, RESULT_MARKER, config_text
+from clbench.flower.app import CONFIG_KEY, RESULT_MARKER, config_text
 
 if TYPE_CHECKING:
     from clbench.config import RunConfig
@@ -168,15 +168,15 @@ class LocalFederation:
 
 def write_app(directory: Path, cfg: RunConfig) -> Path:
     """The Flower app of a run: a ``pyproject.toml`` naming clbench's ServerApp and ClientApp, with the run's
-    config as its run config (:data:`clbench.federated.flower_app.CONFIG_KEY`)."""
+    config as its run config (:data:`clbench.flower.app.CONFIG_KEY`)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(tomli_w.dumps({
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "clbench-run", "version": "1.0.0", "description": "a clbench run on Flower",
                     "license": "MIT", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "clbench",
-                                  "components": {"serverapp": "clbench.federated.flower_app:server_app",
-                                                 "clientapp": "clbench.federated.flower_app:client_app"},
+                                  "components": {"serverapp": "clbench.flower.app:server_app",
+                                                 "clientapp": "clbench.flower.app:client_app"},
                                   "config": {CONFIG_KEY: config_text(cfg)}}}},
     }))
     return directory
@@ -230,9 +230,18 @@ def submit(app: Path, federation: str, env: dict[str, str], echo: IO[str] | None
 
 def launch(cfg: RunConfig) -> RunResult:
     """Run ``cfg`` on Flower: on a :class:`LocalFederation` of ``federated.clients`` SuperNodes, or on the
-    federation ``federated.flower_federation``; return what the ServerApp's run produced."""
-    from clbench.experiment import RunResult
+    federation ``federated.flower_federation``; return what the ServerApp's run produced.
 
+    Raises:
+        ConfigError: what the stream, the model, the strategy or the split of a task refuses, before any Flower
+            process starts.
+    """
+    from clbench.experiment import RunResult, setup
+    from clbench.federated.loop import split_task
+
+    ctx, _ = setup(cfg)
+    for task in range(ctx.n_experiences):  # a task that cannot be split is a config error here, before Flower
+        split_task(ctx, cfg.federated, task)
     cfg = absolute_paths(cfg)
     with tempfile.TemporaryDirectory(prefix="clbench-flower-") as tmp:
         app = write_app(Path(tmp) / "app", cfg)
