@@ -122,7 +122,7 @@ def test_a_method_is_named_once():
     from helpers import CONF
     from hydra import compose, initialize_config_dir
 
-    for group in ("strategy", "model"):
+    for group in ("strategy", "model", "benchmark"):
         for path in (Path(CONF) / group).glob("*.yaml"):
             assert not any(line.startswith("name:") for line in path.read_text().splitlines()), path
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -1,5 +1,6 @@
-"""The papers' networks and the language models. ``build_model`` picks one by ``model.name`` and sizes it from
-the stream; each family has its own config class (:data:`MODELS`), so a run logs its own family's keys only."""
+"""The papers' networks and the language models (Hugging Face, wrapped by peft: :mod:`clbench.models.lm`).
+``build_model`` picks one by ``model.name`` and sizes it from the stream; each family has its own config class
+(:data:`MODELS`), so a run logs its own family's keys only."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 from clbench.config import ModelConfig
 from clbench.models.alexnet import AlexNet, AlexNetConfig
 from clbench.models.base import Classifier, ContinualModel, multi_head
+from clbench.models.lm import LanguageModel, LMConfig, build_lm
 from clbench.models.mlp import MLP, MLPConfig
 from clbench.models.resnet import ResNet18, ResNetConfig
 from clbench.models.snn import SpikingMLP, SpikingMLPConfig
 from clbench.models.snn_conv import SpikingCNN, SpikingCNNConfig, SpikingResNet18, SpikingResNetConfig
+from clbench.streams.text import TextStreamSpec
 
 if TYPE_CHECKING:
     from clbench.streams import StreamSpec
@@ -21,10 +24,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its config class and its builder ``build(cfg, spec) -> ContinualModel``."""
+    """A registered model: its config class, its builder ``build(cfg, spec) -> ContinualModel`` and whether it
+    reads text streams (else image / tensor streams)."""
 
     config: type[ModelConfig]
     build: Callable[[Any, Any], ContinualModel]
+    text: bool = False
 
 
 def _image_net(build: Callable[[Any, Any], ContinualModel]) -> Callable[[Any, Any], ContinualModel]:
@@ -77,6 +82,8 @@ MODELS: dict[str, ModelEntry] = {
     "snn_mlp": ModelEntry(SpikingMLPConfig, _snn_mlp),
     "snn_cnn": ModelEntry(SpikingCNNConfig, _image_net(_snn_cnn)),
     "snn_resnet18": ModelEntry(SpikingResNetConfig, _image_net(_snn_resnet18)),
+    "causal_lm": ModelEntry(LMConfig, build_lm, text=True),
+    "seq2seq_lm": ModelEntry(LMConfig, build_lm, text=True),
 }
 """Registry: model name → its config class and builder."""
 
@@ -93,10 +100,20 @@ def model_config(name: str, **values: Any) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig, spec: Any) -> ContinualModel:
-    """Build ``cfg.name`` for the stream: input size, classes and head layout (or tokenizer and tasks) from
-    ``spec``."""
-    return MODELS[cfg.name].build(cfg, spec)
+    """Build ``cfg.name`` for the stream: input size, classes and head layout from ``spec`` (a language model
+    reads any text stream).
+
+    Raises:
+        ValueError: a text model on an image stream or the reverse, naming both and the valid choices.
+    """
+    entry = MODELS[cfg.name]
+    if entry.text != isinstance(spec, TextStreamSpec):
+        valid = sorted(n for n, e in MODELS.items() if e.text != entry.text)
+        kind = "a text stream" if entry.text else "an image / tensor stream"
+        raise ValueError(f"model.name={cfg.name} needs {kind}, and benchmark '{spec.name}' is not one; for this "
+                         f"benchmark use one of model.name={valid}, or change benchmark.name")
+    return entry.build(cfg, spec)
 
 
-__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "ModelEntry", "ResNet18", "SpikingCNN",
-           "SpikingMLP", "SpikingResNet18", "build_model", "model_config"]
+__all__ = ["MLP", "MODELS", "AlexNet", "Classifier", "ContinualModel", "LMConfig", "LanguageModel", "ModelEntry",
+           "ResNet18", "SpikingCNN", "SpikingMLP", "SpikingResNet18", "build_model", "model_config"]

