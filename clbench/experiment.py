@@ -112,6 +112,10 @@ def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
                         precision=cfg.engine.precision)  # type: ignore[arg-type]
     except ValueError as e:  # a benchmark / model / engine key that cannot be honoured here
         raise ConfigError(str(e)) from e
+    if str(cfg.engine.precision).startswith("bf16") and fabric.device.type == "cuda" \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"bad value for 'engine.precision': {cfg.engine.precision} needs bf16, which "
+                          f"{torch.cuda.get_device_name(fabric.device)} lacks; use 16-mixed or 32-true")
     strategy = build_strategy(cfg.strategy)
     module = strategy.wrap_model(module)
     model = fabric.setup_module(module)

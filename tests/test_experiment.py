@@ -49,15 +49,30 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     # the plateau schedule with patience 1 decays the lr mid-experience: its state must survive the kill too
-    args = ["strategy=gpm", "benchmark=permuted_digits", "benchmark.n_tasks=3", "engine.epochs=4",
-            "engine.lr=0.05", "threads=1", "engine.progress=none", "benchmark.validation_fraction=0.1",
-            "engine.schedule=plateau", "engine.patience=1", "engine.lr_min=0.001"]
+    _kill_and_resume(tmp_path, ["strategy=gpm", "benchmark=permuted_digits", "benchmark.n_tasks=3", "engine.epochs=4",
+                                "engine.lr=0.05", "threads=1", "engine.progress=none",
+                                "benchmark.validation_fraction=0.1", "engine.schedule=plateau", "engine.patience=1",
+                                "engine.lr_min=0.001"], at=(1, 2))
+
+
+def test_lora_run_resumes_after_kill_9_inside_task_2(tmp_path):
+    """A LoRA run of the tiny LM, killed with SIGKILL inside its second task, ends with the uninterrupted R."""
+    pytest.importorskip("peft")
+    _kill_and_resume(tmp_path, ["strategy=naive", "model=causal_lm", "benchmark=keyword_topics", "benchmark.n_tasks=2",
+                                "benchmark.per_class=16", "benchmark.max_test_per_task=12", "engine=lm",
+                                "engine.epochs=3", "engine.lr=0.01", "engine.eval_batch_size=16",
+                                "model.max_new_tokens=4", "model.max_length=96", "threads=1", "engine.progress=none"],
+                     at=(1, 1))
+
+
+def _kill_and_resume(tmp_path: Path, args: list[str], at: tuple[int, int]) -> None:
+    """Run ``args`` uninterrupted in-process; run them again on the CLI, ``kill -9`` it once its checkpoint is at
+    (experience, next epoch) >= ``at``, resume with ``resume=true``: one FINISHED MLflow run with the same R."""
     cut_dir = tmp_path / "cut"
     cut_dir.mkdir()
     (tmp_path / "full").mkdir()
     R_full = run(run_config(tmp_path / "full", *args)).R  # the same config, uninterrupted, in-process
 
-    # kill -9 the second run once it has checkpointed inside the second experience
     cut = _cli(args, cut_dir)
     ckpts = cut_dir / "checkpoints"
     deadline = time.time() + 240
@@ -70,7 +85,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
                 state = torch.load(found[0], weights_only=False)
             except Exception:
                 state = None
-            if state is not None and (state["experience"], state["next_epoch"]) >= (1, 2):
+            if state is not None and (state["experience"], state["next_epoch"]) >= at:
                 os.kill(cut.pid, signal.SIGKILL)
                 break
         time.sleep(0.02)
