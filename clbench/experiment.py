@@ -22,6 +22,7 @@ from clbench.federated.loop import Clients, FederatedLoop
 from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
 from clbench.streams import batch_source, build_stream
+from clbench.streams.batches import needs_collate
 from clbench.tracking import Tracker, git_sha, package_versions
 from strategies import build_strategy
 from strategies.base import Strategy
@@ -150,7 +151,18 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     T, primary = spec.n_tasks, spec.primary_score
     engine = ctx.trainer
     assert isinstance(engine, Engine)
-    tests = [sources(e.dataset) for e in stream.benchmark.test_stream]
+    bench = stream.benchmark
+    splits = {"train": bench.train_stream, "test": bench.test_stream, "valid": getattr(bench, "valid_stream", None)}
+    for split, experiences in splits.items():
+        for j, e in enumerate(experiences or []):
+            if len(e.dataset) == 0:
+                raise ConfigError(f"benchmark '{spec.name}': experience {j} has no {split} samples; check "
+                                  "benchmark.* (caps, validation_fraction, n_tasks)")
+    try:  # samples the model tokenizes are collated once, now, so that what it refuses is refused before training
+        tests = [sources(e.dataset) for e in bench.test_stream]
+        collated = {i: sources(e.dataset) for i, e in enumerate(bench.train_stream) if needs_collate(e.dataset)}
+    except ValueError as e:
+        raise ConfigError(f"benchmark '{spec.name}' with model '{cfg.model.name}': {e}") from e
 
     def evaluate_all() -> dict[str, np.ndarray]:
         """Every named score of the model on every test experience: name → one value per experience."""
@@ -199,8 +211,8 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
 
     def train_experience(i: int) -> None:
         """Experience i on one learner: the engine (or the strategy's own loop), resumable mid-experience."""
-        ctx.train_source = sources(stream.benchmark.train_stream[i].dataset)
-        valid = getattr(stream.benchmark, "valid_stream", None)
+        ctx.train_source = collated.pop(i, None) or sources(bench.train_stream[i].dataset)
+        valid = splits["valid"]
         ctx.valid_source = None if valid is None else sources(valid[i].dataset)
         if state is not None and i == start:
             checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
@@ -247,6 +259,9 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
             params = run_params(cfg) | {f"version.{k}": v for k, v in package_versions().items()}
             tracker.log_params(params | {"git_sha": git_sha(), "device": str(fabric.device),
                                          "config_key": fingerprint(cfg, with_seed=False)})
+            notes = getattr(module, "collate_notes", {})
+            if notes:
+                tracker.log_metrics({f"data/{k}": v for k, v in notes.items()}, step=0)
             initial = evaluate_all()
             b, start = initial[primary], 0
             others = {k: np.full((T, T), np.nan) for k in initial if k != primary}

@@ -91,3 +91,23 @@ def test_a_sweep_of_two_lm_configs_is_one_report_table(tmp_path):
 def test_bad_lm_input_is_refused_before_training(tmp_path, overrides, pattern):
     with pytest.raises((ConfigError, ValueError), match=pattern):
         run(run_config(tmp_path, "strategy=naive", *overrides))
+
+
+def test_long_samples_are_truncated_and_counted_or_refused_before_anything_is_logged(tmp_path):
+    cfg = run_config(tmp_path, "strategy=naive", *FAST, "benchmark.n_tasks=1", "engine.epochs=1",
+                     "model.max_length=24")
+    result = run(cfg)
+    data = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(result.run_id).data
+    assert data.metrics["data/truncated_samples"] > 0  # keyword prompts have ~60 tokens
+    refuse = run_config(tmp_path / "refuse", "strategy=naive", *FAST, "model.max_length=24",
+                        "model.truncation=refuse")
+    with pytest.raises(ConfigError, match=r"longer than model.max_length=24"):
+        run(refuse)
+    assert not (tmp_path / "refuse" / "mlflow.db").exists() or not mlflow.tracking.MlflowClient(
+        refuse.tracking.uri).search_experiments(filter_string="name = 'clbench'")
+
+
+def test_an_empty_task_is_refused_naming_it(tmp_path):
+    cfg = run_config(tmp_path, "strategy=naive", *FAST, "benchmark.validation_fraction=0.99")
+    with pytest.raises(ConfigError, match=r"benchmark"):
+        run(cfg)

@@ -44,9 +44,14 @@ class ContinualModel(nn.Module):
     papers' choice of layers the gradient-projection family protects, e.g. all layers but per-task heads).
     """
 
+    collate_notes: dict[str, int]
+    """Counts a model keeps of what its :meth:`collate` did to the data (a language model:
+    ``truncated_samples``); the loop logs them as ``data/<key>``."""
+
     def collate(self, samples: Sequence[Any]) -> Batch:
         """The tensors of ``samples`` (one experience's, all at once), for streams whose samples are not
-        tensors (text); image streams are read as ``(x, y, t)`` tensors without it."""
+        tensors (text); image streams are read as ``(x, y, t)`` tensors without it. It may count what it did in
+        :attr:`collate_notes`."""
         raise TypeError(f"{type(self).__name__} takes tensor samples; it cannot collate {type(samples[0])}")
 
     def loss(self, batch: Batch) -> torch.Tensor:

@@ -221,6 +221,7 @@ class LanguageModel(ContinualModel):
         self.max_new_tokens = cfg.max_new_tokens
         self.refuse_long = cfg.truncation == "refuse"
         self.truncated = 0
+        self.collate_notes = {"truncated_samples": 0}
         self.end_id = end_token_id(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
         self.prefix, self.suffix = special_affixes(tokenizer)
@@ -282,6 +283,7 @@ class LanguageModel(ContinualModel):
                              f"{self.max_length} tokens (the longest has {longest}); raise model.max_length or set "
                              "model.truncation=left")
         self.truncated = len(long)
+        self.collate_notes["truncated_samples"] += len(long)
         if long:
             log.warning("%d of %d samples exceed model.max_length=%d tokens; their prompts lose their start",
                         len(long), len(samples), self.max_length)

@@ -223,6 +223,12 @@ class LoaderBatchSource(BatchSource):
         )
 
 
+def needs_collate(dataset: Any) -> bool:
+    """Whether the samples of ``dataset`` are not tensors ``(x, y[, t])`` (text) and need a model's collate."""
+    first = dataset[0] if len(dataset) else None
+    return first is not None and not (isinstance(first, tuple | list) and isinstance(first[0], Tensor | np.ndarray))
+
+
 def batch_source(
     dataset: Any, device: torch.device | str, max_bytes: int = 2**30, num_workers: int = 0,
     collate: Collate | None = None,
@@ -242,7 +248,7 @@ def batch_source(
     if n == 0:
         raise ValueError("empty dataset")
     first = dataset[0]
-    if not (isinstance(first, tuple | list) and isinstance(first[0], Tensor | np.ndarray)):
+    if needs_collate(dataset):
         if collate is None:
             raise ValueError(f"samples of type {type(first).__name__} need the model's collate")
         batch = collate([dataset[i] for i in range(n)])
