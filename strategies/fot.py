@@ -57,7 +57,7 @@ from clbench.subspace.gpse import (
 )
 from strategies import register
 from strategies.fedavg import FedAvg, FedAvgConfig
-from strategies.gpm import basis_diagnostics, per_layer, validate_thresholds
+from strategies.gpm import basis_diagnostics, per_layer, protected_layers, validate_thresholds
 
 if TYPE_CHECKING:
     from clbench.context import Context
@@ -117,7 +117,7 @@ class FOT(FedAvg):
         self._scores: dict[str, float] = {}
 
     def setup(self, ctx: Context) -> None:
-        names = list(ctx.module.protected_layers())
+        names = list(protected_layers(ctx, self.name))
         self._thresholds = per_layer(self.cfg.threshold, names, "threshold")
         factors = per_layer(self.cfg.sketch_factor, names, "sketch_factor")
         shapes = sketch_shapes(ctx.module.state_dict(), [f"{n}.weight" for n in names],

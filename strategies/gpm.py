@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from clbench.config import ConfigError, StrategyConfig
-from clbench.subspace import LayerProjector, collect_layer_inputs, extend_basis, principal_angles, threshold_basis
+from clbench.subspace import (
+    LayerProjector,
+    collect_layer_inputs,
+    extend_basis,
+    principal_angles,
+    threshold_basis,
+    unsupported_layers,
+)
 from strategies import register
 from strategies.base import Strategy
 
@@ -121,6 +128,22 @@ def basis_diagnostics(bases: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def protected_layers(ctx: Context, strategy: str) -> dict[str, nn.Module]:
+    """The model's protected layers, which a subspace strategy reads the inputs of.
+
+    Raises:
+        ConfigError: a layer whose inputs the subspace core cannot read (e.g. the peft LoRA layers of a language
+            model), naming the strategy, the model and the layers.
+    """
+    layers = ctx.module.protected_layers()
+    bad = unsupported_layers(layers)
+    if bad:
+        raise ConfigError(f"strategy '{strategy}' protects Linear and Conv2d layers; model "
+                          f"{type(ctx.module).__name__} (model.name) protects {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                          ", whose inputs it cannot read yet; use strategy=naive for this model")
+    return layers
+
+
 def per_layer(values: list[Any], names: list[str], key: str) -> dict[str, Any]:
     """Match a per-layer list to the protected layers in order; one value applies to every layer.
 
@@ -153,7 +176,7 @@ class GPM(Strategy):
         self._angles: dict[str, float] = {}
 
     def setup(self, ctx: Context) -> None:
-        names = list(ctx.module.protected_layers())
+        names = list(protected_layers(ctx, self.name))
         self._thresholds = per_layer(self.cfg.threshold, names, "threshold")
         self._samples = per_layer(self.cfg.samples, names, "samples")
 

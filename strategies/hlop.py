@@ -66,7 +66,7 @@ from clbench.subspace import (
 from clbench.subspace.projection import FORMS
 from strategies import register
 from strategies.base import Strategy
-from strategies.gpm import hold_batchnorm_in_eval, norm_parameters, per_layer
+from strategies.gpm import hold_batchnorm_in_eval, norm_parameters, per_layer, protected_layers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -160,7 +160,7 @@ class HLOP(Strategy):
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: Context) -> None:
-        layers = ctx.module.protected_layers()
+        layers = protected_layers(ctx, self.name)
         names = list(layers)
         self._lrs = lrs = per_layer(self.cfg.hebbian_lr, names, "hebbian_lr")
         self._rows = [per_layer(counts, names, f"rows (task {t})") for t, counts in enumerate(self.cfg.rows)]

@@ -111,3 +111,9 @@ def test_an_empty_task_is_refused_naming_it(tmp_path):
     cfg = run_config(tmp_path, "strategy=naive", *FAST, "benchmark.validation_fraction=0.99")
     with pytest.raises(ConfigError, match=r"benchmark"):
         run(cfg)
+
+
+@pytest.mark.parametrize("strategy", ["gpm", "rogo", "hlop"])
+def test_subspace_strategies_refuse_lora_layers_they_cannot_read_yet(tmp_path, strategy):
+    with pytest.raises(ConfigError, match=rf"strategy '{strategy}' protects Linear and Conv2d layers.*lora"):
+        run(run_config(tmp_path, f"strategy={strategy}", *FAST))

@@ -19,7 +19,7 @@ from clbench.subspace.basis import (
     top_singular,
 )
 from clbench.subspace.hebbian import HebbianSubspace, hebbian_extend
-from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix
+from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix, unsupported_layers
 from clbench.subspace.projection import LayerProjector, project_out
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "split_by_alignment",
     "threshold_basis",
     "top_singular",
+    "unsupported_layers",
 ]

@@ -38,6 +38,13 @@ def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[i
     return pads[0], pads[1], pads[2], pads[3]
 
 
+def unsupported_layers(layers: Mapping[str, nn.Module]) -> list[str]:
+    """Names of the ``layers`` whose inputs :func:`layer_input_matrix` cannot read (neither ``nn.Linear`` nor
+    ``nn.Conv2d``), each with its type."""
+    return [f"{name} ({type(m).__module__}.{type(m).__name__})" for name, m in layers.items()
+            if not isinstance(m, nn.Linear | nn.Conv2d)]
+
+
 def layer_input_matrix(module: nn.Module, x: Tensor) -> Tensor:
     """Return the representation matrix R (d × N) of ``module``'s input ``x`` (GPM Eqs. 3-4).
 
