@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.config import ModelConfig, check
+from clbench.models.adapters import LoraAdapters
 from clbench.models.base import ContinualModel
 from clbench.models.generation import decode_answers, exact_match, greedy_generate
 from clbench.models.hf_loading import (
@@ -197,7 +198,7 @@ def _width(mask: torch.Tensor) -> int:
     return int(mask.sum(1).max()) if mask.numel() else 0
 
 
-class LanguageModel(ContinualModel):
+class LanguageModel(LoraAdapters, ContinualModel):
     """A Hugging Face causal or seq2seq LM with its tokenizer, as a :class:`ContinualModel`.
 
     Attributes:

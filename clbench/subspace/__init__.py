@@ -7,6 +7,8 @@ No knowledge of strategies, configs or tracking. Modules:
 * :mod:`~clbench.subspace.projection` — projection of gradients onto span(M)^⊥ (GPM Eqs. 6-7).
 * :mod:`~clbench.subspace.angles` — principal angles between subspaces; aligned principal vectors (ROGO).
 * :mod:`~clbench.subspace.hebbian` — the Hebbian route to a basis: Oja's subspace rule with frozen old rows (HLOP).
+* :mod:`~clbench.subspace.overlap` — overlap of row spaces, the soft orthogonality penalties (O-LoRA, O3).
+* :mod:`~clbench.subspace.gpse` — GPSE: residual sketches and their server-side basis extension (FOT).
 """
 
 from clbench.subspace.angles import principal_angles, split_by_alignment
@@ -20,6 +22,7 @@ from clbench.subspace.basis import (
 )
 from clbench.subspace.hebbian import HebbianSubspace, hebbian_extend
 from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix, unsupported_layers
+from clbench.subspace.overlap import row_overlap
 from clbench.subspace.projection import LayerProjector, project_out
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "orthonormal_complement",
     "principal_angles",
     "project_out",
+    "row_overlap",
     "split_by_alignment",
     "threshold_basis",
     "top_singular",

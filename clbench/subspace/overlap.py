@@ -1,0 +1,38 @@
+"""Overlap of row spaces: the soft orthogonality penalties of the adapter methods.
+
+For row blocks A_i (r_i × d) of earlier tasks and the current block A (r × d), the cross-Gram A_i Aᵀ (r_i × r)
+vanishes exactly when the row spaces are orthogonal. O-LoRA (Wang et al. 2023; its code's form) penalises
+
+    Σ_i Σ_jk |(A_i Aᵀ)_jk|          (``l1``)      or the paper's      Σ_i Σ_jk (A_i Aᵀ)_jk²      (``squared``);
+
+O3 (Gao et al. 2024) penalises the squared Frobenius form against frozen snapshots Â_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+NORMS = ("l1", "squared")
+
+
+def row_overlap(old: Sequence[Tensor], rows: Tensor, norm: str = "l1") -> Tensor:
+    """Σ_i ‖A_i · rowsᵀ‖ over the blocks ``old`` (each r_i × d) against ``rows`` (r × d): the entrywise L1 norm
+    (``l1``) or the squared Frobenius norm (``squared``); 0 (with a graph to ``rows``) when ``old`` is empty.
+
+    Raises:
+        ValueError: an unknown ``norm``, or blocks of another width d.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"row_overlap: norm {norm!r} is not one of {list(NORMS)}")
+    total = rows.sum() * 0.0
+    for block in old:
+        if block.shape[-1] != rows.shape[-1]:
+            raise ValueError(f"row_overlap: blocks of width {block.shape[-1]} and {rows.shape[-1]}")
+        cross = block.to(rows.dtype) @ rows.T
+        total = total + (cross.abs().sum() if norm == "l1" else cross.square().sum())
+    return total
+
+
+__all__ = ["NORMS", "row_overlap"]
