@@ -122,6 +122,17 @@ def test_loss_only_on_answer_tokens(family: str, request: pytest.FixtureRequest)
     assert edited["labels"][0, 3] == IGNORE and not torch.allclose(model.loss(edited), model.loss(batch))
 
 
+def test_per_sample_loss_is_each_rows_answer_nll_from_the_full_logits(causal: LanguageModel) -> None:
+    """The per-sample ``loss`` score (the output layer applied at the answer positions only) equals each row's
+    mean answer-token NLL from the model's full logits, also when the rows' answers sit in different columns."""
+    batch = causal.collate(SAMPLES)
+    logits, labels = causal.outputs(batch)[:, :-1], batch["labels"][:, 1:]
+    labels = labels[:, :logits.shape[1]]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    expected = nll.sum(1) / (labels != IGNORE).sum(1)
+    torch.testing.assert_close(causal.score(batch)["loss"], expected.double(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["causal", "seq2seq"])
 def test_padding_changes_no_loss_or_output(family: str, request: pytest.FixtureRequest) -> None:
     model: LanguageModel = request.getfixturevalue(family)

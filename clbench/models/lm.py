@@ -234,6 +234,9 @@ class LanguageModel(LoraAdapters, ContinualModel):
         if self.seq2seq and self.decoder_start_id is None:
             raise ValueError(f"seq2seq model {cfg.model_id()!r} has no config.decoder_start_token_id")
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        scaled = any(getattr(base.config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping",
+                                                                                   "logit_scale"))
+        self._plain_head = self._keeps_logits and not scaled and not self.seq2seq
 
     def base_model(self) -> PreTrainedModel:
         """The Hugging Face model inside the peft wrapper (its LoRA layers injected in place)."""
@@ -329,25 +332,42 @@ class LanguageModel(LoraAdapters, ContinualModel):
 
     def _answer_nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL of the answer tokens, ``(n, k)`` (0 where ``valid`` is False), and ``valid``."""
-        logits, targets = self._seq2seq_logits(batch) if self.seq2seq else self._causal_answer_logits(batch)
-        valid = targets != IGNORE
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
-        return nll.view_as(targets), valid
+        if self.seq2seq:
+            logits, targets = self._seq2seq_logits(batch)
+            valid = targets != IGNORE
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+            return nll.view_as(targets), valid
+        logits, targets, valid = self._causal_answer_logits(batch)
+        nll = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
+        nll[valid] = F.cross_entropy(logits, targets[valid], reduction="none")
+        return nll, valid
 
-    def _causal_answer_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at the positions that predict an answer token in some row, and the targets there.
+    def _causal_answer_logits(self, batch: Mapping[str, torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (m × vocabulary) at exactly the m positions that predict an answer token, row by row, the
+        targets (n × k, over the columns where some row has one) and where they are valid.
 
-        Only those columns go through the output layer (``logits_to_keep``), which saves most of the
-        vocabulary-sized work for long prompts."""
+        Only those m positions go through the output layer: the model's last hidden state is gathered there and
+        multiplied by its output embedding, which skips the vocabulary-sized work of every prompt position and of
+        the other rows' answer columns (right padding puts the rows' answers in different columns). Models whose
+        logits are more than the output layer of the last hidden state (soft-capped or scaled logits) take the
+        model's own logits at those columns instead."""
         width = _width(batch["attention_mask"])
         ids, mask = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
         targets = batch["labels"][:, 1:width]
         cols = (targets != IGNORE).any(0).nonzero().squeeze(1)
+        targets = targets[:, cols]
+        valid = targets != IGNORE
+        if self._plain_head:
+            out = self.lm(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True,
+                          logits_to_keep=1)
+            hidden = out.hidden_states[-1][:, cols][valid]
+            return self.base_model().get_output_embeddings()(hidden), targets, valid
         if self._keeps_logits:
             logits = self.lm(input_ids=ids, attention_mask=mask, logits_to_keep=cols, use_cache=False).logits
         else:
             logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, cols]
-        return logits, targets[:, cols]
+        return logits[valid], targets, valid
 
     def _seq2seq_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder logits under teacher forcing (decoder input: the labels shifted right after the start token),
