@@ -236,7 +236,8 @@ class GPM(Strategy):
         module.eval()
         try:
             if self.cfg.basis_source == "activations":
-                return collect_layer_inputs(module, layers, lambda: module.outputs(batch), samples=self._samples)
+                return collect_layer_inputs(module, layers, lambda: module.outputs(batch), samples=self._samples,
+                                            positions=module.input_positions(batch))
             with torch.enable_grad():
                 names = list(layers)
                 grads = torch.autograd.grad(module.loss(batch), [layers[n].weight for n in names])

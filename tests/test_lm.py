@@ -158,7 +158,7 @@ def test_outputs_reach_the_protected_layers(causal: LanguageModel) -> None:
     finally:
         for h in hooks:
             h.remove()
-    assert sorted(seen) == sorted(layers) and len(layers) == 4  # q_proj, v_proj of 2 layers
+    assert sorted(seen) == sorted(layers) and len(layers) == 8  # lora_A and lora_B of q_proj, v_proj of 2 layers
 
 
 # ------------------------------------------------------------------------------------------------ exact match
@@ -185,9 +185,9 @@ def test_exact_match_per_sample() -> None:
 @pytest.mark.parametrize(("name", "n_layers"), [("causal_lm", 4), ("seq2seq_lm", 12)])
 def test_lora_adapters_from_config(name: str, n_layers: int) -> None:
     model = _build(name, lora_r=4, lora_alpha=16, lora_dropout=0.2)
-    layers = model.protected_layers()
-    assert len(layers) == n_layers and all(isinstance(m, LoraLayer) for m in layers.values())
-    for m in layers.values():
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert len(wrapped) == n_layers and len(model.protected_layers()) == 2 * n_layers  # A and B of each
+    for m in wrapped.values():
         assert m.r["default"] == 4 and m.lora_alpha["default"] == 16 and m.scaling["default"] == 4.0
         assert m.lora_dropout["default"].p == 0.2
         assert m.lora_A["default"].weight.shape[0] == 4

@@ -6,6 +6,8 @@ report table."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import torch
 from helpers import run_config
 from test_engine import _interrupt_in_task
+from torch import nn
 
 import clbench.engine
 from clbench.config import ConfigError
@@ -113,7 +116,75 @@ def test_an_empty_task_is_refused_naming_it(tmp_path):
         run(cfg)
 
 
-@pytest.mark.parametrize("strategy", ["gpm", "rogo", "hlop"])
-def test_subspace_strategies_refuse_lora_layers_they_cannot_read_yet(tmp_path, strategy):
-    with pytest.raises(ConfigError, match=rf"strategy '{strategy}' protects Linear and Conv2d layers.*lora"):
-        run(run_config(tmp_path, f"strategy={strategy}", *FAST))
+def test_a_subspace_strategy_refuses_layers_it_cannot_read(tmp_path):
+    from strategies.gpm import protected_layers
+
+    class Recurrent(nn.Module):
+        def protected_layers(self):
+            return {"rnn": nn.LSTM(4, 4)}
+
+    ctx = SimpleNamespace(module=Recurrent())
+    with pytest.raises(ConfigError, match=r"strategy 'gpm' protects Linear and Conv2d layers.*rnn.*LSTM"):
+        protected_layers(ctx, "gpm")
+
+
+def test_gpm_on_lora_keeps_both_adapter_layers_off_the_old_inputs(tmp_path, monkeypatch):
+    """GPM on the LoRA branch (lora_A and lora_B as its two linear layers): every gradient step of task 2 is
+    orthogonal to the basis GPM kept of that layer's task-1 inputs (to 1e-5 of the gradient), the bases of lora_B
+    live in the r-dim space of A's outputs, and padding never enters a basis."""
+    from strategies.gpm import GPM
+
+    watch: dict[str, Any] = {"on": False, "steps": 0}
+    original_before, original_after = GPM.before_experience, GPM.after_experience
+    original_step = torch.optim.SGD.step
+
+    def before(self, ctx):
+        original_before(self, ctx)
+        if ctx.experience == 1:
+            layers = ctx.module.protected_layers()
+            watch.update(on=True, bases={n: b.clone() for n, b in self.bases.items()},
+                         params={id(layers[n].weight): n for n in layers})
+
+    def after(self, ctx):
+        watch["on"] = False
+        original_after(self, ctx)
+
+    def step(self, *args, **kwargs):
+        if watch["on"]:
+            watch["steps"] += 1
+            for group in self.param_groups:
+                for p in group["params"]:
+                    name = watch["params"].get(id(p))
+                    M = watch["bases"].get(name)
+                    if name is not None and p.grad is not None and M is not None and M.shape[1]:
+                        g = p.grad.double()
+                        assert float((g @ M.double()).norm()) <= 1e-5 * float(g.norm()) + 1e-12, name
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPM, "before_experience", before)
+    monkeypatch.setattr(GPM, "after_experience", after)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    cfg = run_config(tmp_path, "strategy=gpm", "strategy.threshold=[0.9]", *FAST, "benchmark.n_tasks=2",
+                     "engine.optimizer=sgd", "engine.lr=0.5")
+    run(cfg)
+    bases = watch["bases"]
+    assert {n.rsplit(".", 2)[-2] for n in bases} == {"lora_A", "lora_B"} and watch["steps"] > 0
+    assert all(b.shape[0] == 8 for n, b in bases.items() if ".lora_B." in n)  # r = 8 inputs of B
+    assert all(b.shape[1] > 0 for b in bases.values())
+
+
+def test_layer_inputs_of_an_lm_hold_its_real_tokens_only():
+    """The subspace core reads one column per real token of each protected layer's input: padding is left out
+    (the model's input_positions), so a basis never holds pad embeddings."""
+    from clbench.models.lm import LMConfig, build_lm
+    from clbench.streams.text import TextSample
+    from clbench.subspace import collect_layer_inputs
+
+    model = build_lm(LMConfig(name="causal_lm")).eval()
+    batch = model.collate([TextSample("short\nAnswer:", "a", 0), TextSample("a much longer prompt " * 4, "b", 0)])
+    positions = model.input_positions(batch)
+    assert positions is not None and not bool(positions.all())  # the short row is padded
+    layers = model.protected_layers()
+    with torch.no_grad():
+        R = collect_layer_inputs(model, layers, lambda: model.outputs(batch), positions=positions)
+    assert {r.shape[1] for r in R.values()} == {int(positions.sum())}

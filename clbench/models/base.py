@@ -73,6 +73,11 @@ class ContinualModel(nn.Module):
         """Layers whose weight gradients projection strategies may constrain, by qualified name."""
         raise NotImplementedError
 
+    def input_positions(self, batch: Batch) -> torch.Tensor | None:
+        """Which positions of the sequence inputs that :meth:`outputs` gives the protected layers hold data (n × L
+        booleans, e.g. a language model's real tokens), for the subspace methods' layer inputs; None: all."""
+        return None
+
 
 class Classifier(ContinualModel):
     """A classifier with a shared trunk and either one shared head or one head per task.

@@ -382,15 +382,27 @@ class LanguageModel(LoraAdapters, ContinualModel):
 
     # ----------------------------------------------------------------------------------------------- layers
     def protected_layers(self) -> dict[str, nn.Module]:
-        """With LoRA: the LoRA-wrapped Linear modules (peft ``LoraLayer``), by qualified name; their input is the
-        input of both the frozen weight and the adapter. Full fine-tuning: the Linear modules LoRA would wrap
+        """With LoRA: the two Linear layers of every adapter being trained, ``<wrapped>.lora_A.<adapter>`` (r × d_in,
+        reading the wrapped layer's input after the LoRA dropout) and ``<wrapped>.lora_B.<adapter>`` (d_out × r,
+        reading A's r-dim output): the adapter branch is a two-layer linear net, and a projection strategy keeps
+        both layers' updates off their old inputs (ΔW x_old = ΔB·A x_old + B·ΔA x_old, so protecting A alone would
+        let B move the old tasks' outputs). Full fine-tuning: the Linear modules LoRA would wrap
         (:attr:`targets`)."""
-        from peft.tuners.lora import LoraLayer
-
         if self.lora_config is not None:
-            return {name: m for name, m in self.named_modules() if isinstance(m, LoraLayer)}
+            from peft.tuners.lora import LoraLayer
+
+            return {f"{name}.{part}.{adapter}": getattr(m, part)[adapter]
+                    for name, m in self.named_modules() if isinstance(m, LoraLayer)
+                    for adapter in m.lora_A if m.lora_A[adapter].weight.requires_grad for part in ("lora_A", "lora_B")}
         return {name: m for name, m in self.named_modules()
                 if _is_linear(m) and name.rsplit(".", 1)[-1] in self.targets}
+
+    def input_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Causal: the real tokens of the batch as :meth:`outputs` runs it (its attention mask, padding columns
+        trimmed). Seq2seq: None (its encoder and decoder layers see sequences of different lengths)."""
+        if self.seq2seq:
+            return None
+        return batch["attention_mask"][:, :_width(batch["attention_mask"])].bool()
 
 
 def build_lm(cfg: LMConfig, spec: StreamSpec | None = None) -> LanguageModel:

@@ -104,6 +104,7 @@ def collect_layer_inputs(
     run: Callable[[], Any],
     samples: Mapping[str, int] | None = None,
     transform: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Collect the representation matrix R of every layer in ``layers`` during ``run()`` (GPM §4, step 2).
 
@@ -119,6 +120,10 @@ def collect_layer_inputs(
 
     ``transform(module, x)``, if given, maps each recorded input before it becomes R (e.g. HLOP's firing rate
     over time of a spiking layer's input); the sample limit applies to the untransformed input.
+
+    ``positions`` (n × L booleans), if given, keeps of a Linear layer's sequence input (n, L, d) only the rows
+    it marks (a language model's real tokens, not its padding): sample k of the layer's calls takes row k of
+    ``positions``, so each layer must see the batch once, in order.
 
     Returns:
         ``{name: R}`` with R of shape (d, N), in the dtype/device of the layer's input.
@@ -151,7 +156,14 @@ def collect_layer_inputs(
                 if left <= 0:
                     return
                 x = x[:left]
+            first = seen[name]
             seen[name] += x.shape[0]
+            if positions is not None and x.dim() == 3 and isinstance(module, nn.Linear):
+                keep = positions[first:first + x.shape[0], : x.shape[1]]
+                if keep.shape != x.shape[:2]:
+                    raise ValueError(f"collect_layer_inputs: positions {tuple(keep.shape)} do not match the input "
+                                     f"{tuple(x.shape)} of layer {name!r}")
+                x = x[keep.to(torch.bool)]
             with torch.no_grad():
                 chunks[name].append(layer_input_matrix(module, x if transform is None else transform(module, x)))
 
