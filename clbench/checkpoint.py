@@ -4,7 +4,9 @@ A checkpoint is taken at every epoch end and every experience end. It holds the 
 experience in progress and its learning-rate schedule, the strategy's state, every RNG state, the accuracy
 matrix so far, the initial-model accuracies, and the MLflow run id. Files are written atomically (temp file +
 rename), so a kill during a save leaves the previous checkpoint intact. The folder is keyed by a hash of the
-config (minus ``resume``), so running the same command with ``resume=true`` finds it.
+config (minus ``resume``), so running the same command with ``resume=true`` finds it. A checkpoint that cannot
+be read (truncated, overwritten, another program's file, another format) is refused with a
+:class:`CheckpointError` naming the file, before anything is built or logged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from clbench.config import RunConfig
 from clbench.fingerprint import fingerprint
 
 FORMAT_VERSION = 3  # 2: the schedule state; 3: the other scores and the step count
+KEYS = ("experience", "next_epoch", "model", "optimizer", "schedule", "strategy", "rng", "R", "initial", "others",
+        "step", "run_id")  # what :func:`save` writes besides the format
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file, what is wrong and what to do."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"checkpoint {path} {problem}; delete it (rm -r {path.parent}) to start this run afresh, "
+                         "or set checkpoint_dir to a folder with an intact one")
+        self.path = path
 
 
 def checkpoint_path(cfg: RunConfig) -> Path:
@@ -56,11 +69,38 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when there is none."""
+    """The checkpoint at ``path``, or None when there is none.
+
+    Raises:
+        CheckpointError: the file cannot be unpickled (truncated, random bytes, empty), is not a clbench
+            checkpoint (no ``format`` or a missing key) or has another :data:`FORMAT_VERSION`.
+    """
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != FORMAT_VERSION:
-        raise RuntimeError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT_VERSION}; "
-                           "delete it to start afresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types: RuntimeError, UnpicklingError, EOFError, OSError...
+        raise CheckpointError(path, _unreadable(path, e)) from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(path, f"is not a clbench checkpoint (a {type(state).__name__} without a 'format' key)")
+    if state["format"] != FORMAT_VERSION:
+        raise CheckpointError(path, f"has format {state['format']!r}, and this clbench reads format {FORMAT_VERSION}")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise CheckpointError(path, f"lacks {missing} (format {FORMAT_VERSION} has them: the file was altered)")
     return state
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a file that :func:`torch.load` refused: empty, a damaged torch file, or another kind."""
+    size = path.stat().st_size if path.is_file() else 0
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or ['-'])[0]}"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if size == 0:
+        return "is empty (0 bytes: a save cut short, or the file was emptied)"
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+    if zipped:
+        return f"is a truncated or damaged torch file ({size} bytes; {reason})"
+    return f"is not a torch file ({size} bytes; {reason})"

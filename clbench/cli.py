@@ -1,17 +1,50 @@
 """Command line: ``clbench [overrides]`` runs one experiment (``-m`` sweeps), ``clbench report`` tabulates.
 
 Hydra composes ``clbench/conf``; :func:`clbench.compose.load` validates it before anything is built.
+
+A run that cannot go on prints one line ``clbench: ...`` on stderr (no traceback) and exits with:
+
+* 1: the run diverged (:class:`~clbench.engine.DivergenceError`: a NaN or infinite epoch loss); its MLflow run is
+  marked FAILED with what it logged so far. (Hydra's own errors, e.g. an unknown top-level key, exit 1 too.)
+* 2: a config error (:class:`~clbench.config.ConfigError`) or missing data; nothing was logged.
+* 3: a file or service the run needs cannot be used: a corrupt checkpoint (:class:`~clbench.checkpoint.
+  CheckpointError`), an unusable MLflow store or a tracking server that does not answer
+  (:class:`~clbench.tracking.TrackingError`); nothing was logged or overwritten.
+
+In a sweep (``-m``) a job that diverges or cannot resume is reported and the sweep goes on; the exit code is then
+that of the first failed job. A config error or an unusable store stops the sweep at once.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
+from clbench.checkpoint import CheckpointError
 from clbench.compose import load
 from clbench.config import ConfigError
+from clbench.engine import DivergenceError
+from clbench.tracking import TrackingError
+
+EXIT_DIVERGED, EXIT_CONFIG, EXIT_UNUSABLE = 1, 2, 3
+_failed: list[int] = []  # exit codes of the failed jobs of a sweep
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """Print ``clbench: <message>`` as one line on stderr and exit with ``code``."""
+    print("clbench: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(code)
+
+
+def _sweeping() -> bool:
+    """Whether this job is one of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -19,18 +52,24 @@ def _run(cfg: DictConfig) -> float:
     try:
         run_cfg = load(cfg)
     except ConfigError as e:
-        print(f"clbench: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"config error: {e}", EXIT_CONFIG)
     from clbench.runner import execute
 
     try:
         result = execute(run_cfg)
     except ConfigError as e:
-        print(f"clbench: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"config error: {e}", EXIT_CONFIG)
     except FileNotFoundError as e:  # missing data: the message names the path and benchmark.download
-        print(f"clbench: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), EXIT_CONFIG)
+    except TrackingError as e:
+        _fail(str(e), EXIT_UNUSABLE)
+    except (DivergenceError, CheckpointError) as e:
+        code = EXIT_DIVERGED if isinstance(e, DivergenceError) else EXIT_UNUSABLE
+        if not _sweeping():
+            _fail(str(e), code)
+        print("clbench: " + " ".join(str(e).split()), file=sys.stderr)
+        _failed.append(code)
+        return float("nan")
     return result.scores["acc"]
 
 
@@ -41,6 +80,9 @@ def main() -> None:
 
         sys.exit(report_main(sys.argv[2:]))
     _run()
+    if _failed:  # jobs of a sweep that failed (each printed its line)
+        print(f"clbench: {len(_failed)} run(s) of the sweep failed", file=sys.stderr)
+        sys.exit(_failed[0])
 
 
 if __name__ == "__main__":

@@ -35,21 +35,31 @@ from strategies import config_class, is_federated, strategy_names
 FEDERATED_ENGINES = ("inprocess", "flower")
 
 
+def _open(defaults: dict[str, Any]) -> DictConfig:
+    """``defaults`` as a config that is not in struct mode, also once Hydra has set it on the composed root: an
+    override of a key it lacks (``engine.lrr=0.1``) then reaches :func:`load`, which names the section's valid keys,
+    instead of failing in Hydra with no list (and a hint to add the key with ``+``)."""
+    node = OmegaConf.create(defaults)
+    OmegaConf.set_struct(node, False)
+    return node
+
+
 def register_schemas() -> None:
     """Store the defaults of every registered stream, model and strategy (``_schema/<group>/<name>``) and of the
     single-class groups (``_defaults/<group>``) in Hydra's ConfigStore. They are plain dicts, not structured
-    configs: an unknown key is still reported by :func:`load`, naming the valid ones."""
+    configs, and not in struct mode (:func:`_open`): an unknown key, with or without ``+``, is reported by
+    :func:`load`, naming the valid ones."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for group, schema in (("engine", EngineConfig), ("tracking", TrackingConfig), ("federated", FederatedConfig)):
-        store.store(group="_defaults", name=group, node=asdict(schema()))
+        store.store(group="_defaults", name=group, node=_open(asdict(schema())))
     for name, cls in STREAM_CONFIGS.items():
-        store.store(group="_schema/benchmark", name=name, node=asdict(cls(name=name)))
+        store.store(group="_schema/benchmark", name=name, node=_open(asdict(cls(name=name))))
     for name, entry in MODELS.items():
-        store.store(group="_schema/model", name=name, node=asdict(entry.config(name=name)))
+        store.store(group="_schema/model", name=name, node=_open(asdict(entry.config(name=name))))
     for name in strategy_names():
-        store.store(group="_schema/strategy", name=name, node=asdict(config_class(name)(name=name)))
+        store.store(group="_schema/strategy", name=name, node=_open(asdict(config_class(name)(name=name))))
 
 
 register_schemas()
@@ -96,6 +106,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     run.benchmark.validate()
     run.model.validate()
     run.engine.validate()
+    run.tracking.validate()
     check(run.threads is None or run.threads >= 1, "threads", f"{run.threads}; must be >= 1 or null")
     check(run.engine.schedule != "plateau" or run.benchmark.validation_fraction > 0, "engine.schedule",
           "'plateau' watches the validation loss; set benchmark.validation_fraction > 0 (GPM's code: 0.05)")

@@ -182,12 +182,21 @@ class TrackingConfig:
         experiment: MLflow experiment name; a sweep logs all its runs into it.
         run_name: run name; null = ``<strategy>-<benchmark>-s<seed>``.
         artifact_root: where a new experiment on a local store keeps artifacts.
+        timeout: seconds a tracking server (``http(s)://`` URI) has to answer the check before a run starts; one
+            that does not fails the run at once, naming the URI (:func:`clbench.tracking.check_store`).
     """
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "clbench"
     run_name: str | None = None
     artifact_root: str = "mlartifacts"
+    timeout: float = 10.0
+
+    def validate(self) -> None:
+        """Range checks of the ``tracking.*`` keys; raise :class:`ConfigError` naming it."""
+        check(self.uri.strip() != "", "tracking.uri", "empty; an MLflow tracking URI, e.g. sqlite:///mlflow.db")
+        check(math.isfinite(self.timeout) and self.timeout > 0, "tracking.timeout",
+              f"{self.timeout}; must be a finite number of seconds > 0")
 
 
 @dataclass

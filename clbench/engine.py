@@ -5,7 +5,8 @@ optimizer step (every ``engine.accumulate`` micro-batches): strategy.project →
 learning rate → optimizer step (OGPSA's official order: projection before clipping, both before the step).
 Per epoch: the validation loss (when the stream has a validation split), the schedule's rule
 (:mod:`clbench.schedule`), ``strategy.after_epoch``, then the caller's ``on_epoch_end`` (logging, checkpoint).
-Nothing is logged per step: the loss is summed on the device and read once per epoch.
+Nothing is logged per step: the loss is summed on the device and read once per epoch; a non-finite epoch loss
+(NaN or ±inf: the run diverged) stops the run there with a :class:`DivergenceError` (no extra device sync).
 
 The same services train an extra stage of a strategy (an OOD detector, a DPO pass: :meth:`Engine.stage`), which
 it reaches through ``ctx.trainer`` (:class:`clbench.context.Trainer`) instead of copying this loop.
@@ -13,6 +14,7 @@ it reaches through ``ctx.trainer`` (:class:`clbench.context.Trainer`) instead of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,29 @@ _STAGE_KEY = 5  # batch order of a strategy's extra stage
 _PLAIN_PRECISION = ("32-true", "32")  # Fabric's wrappers are identities at these
 
 LossFn = Callable[["Batch"], torch.Tensor]
+
+
+class DivergenceError(RuntimeError):
+    """Training gave a non-finite mean loss (NaN or ±inf) over an epoch: the run diverged.
+
+    Attributes:
+        loss: the epoch's mean loss.
+        where: the epoch, e.g. ``experience 2/3, epoch 1/2``.
+        lr: the learning rate the epoch trained at.
+        lr_key: the config key that sets it (``engine.lr``, ``engine.first_lr``).
+    """
+
+    def __init__(self, loss: float, where: str, lr: float, lr_key: str) -> None:
+        super().__init__(f"training diverged in {where}: the epoch's mean loss is {loss}; likely cause: the learning "
+                         f"rate {lr:g} ({lr_key}) is too high; lower it or set engine.clip_norm")
+        self.loss, self.where, self.lr, self.lr_key = loss, where, lr, lr_key
+
+
+def epoch_place(ctx: Context, epoch: int, epochs: int) -> str:
+    """``experience i/T, epoch e/E`` (1-based) of epoch ``epoch`` of ``ctx.experience``, for messages."""
+    spec = getattr(ctx.stream, "spec", None)
+    total = f"/{spec.n_tasks}" if spec is not None else ""
+    return f"experience {ctx.experience + 1}{total}, epoch {epoch + 1}/{epochs}"
 
 
 class Engine:
@@ -98,7 +123,7 @@ class Engine:
                 break
             ctx.epoch = epoch
             batches = source.batches(self.cfg.batch_size, shuffle=True, generator=ctx.generator(_SHUFFLE_KEY, epoch))
-            loss = self._epoch(ctx, batches, loss_fn, optimizer, schedule.lr, project)
+            loss = self._epoch(ctx, batches, loss_fn, optimizer, schedule.lr, project)  # raises if not finite
             report = schedule.step(epoch, loss, self.validation_loss(ctx))
             if strategy.overrides("after_epoch") and not report.stop:
                 strategy.after_epoch(ctx, report)
@@ -107,9 +132,10 @@ class Engine:
         schedule.restore_best()
 
     def _epoch(self, ctx: Context, batches: Iterator[Batch], loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-               lr: float, project: Callable[[], None] | None) -> float:
+               lr: float, project: Callable[[], None] | None, stage: tuple[int, int] | None = None) -> float:
         """One epoch of optimizer steps over ``batches``; the mean loss of its micro-batches. ``ctx.step`` counts
-        the experience's optimizer steps (the warm-up's clock)."""
+        the experience's optimizer steps (the warm-up's clock). ``stage``: (epoch, epochs) of a strategy's extra
+        stage, for the message of a :class:`DivergenceError` (None: epoch ``ctx.epoch`` of ``engine.epochs``)."""
         cfg, fabric = self.cfg, self.fabric
         inner = getattr(optimizer, "optimizer", optimizer)
         plain = self._plain()
@@ -130,7 +156,7 @@ class Engine:
                 total += loss.detach()
                 micro += 1
             ctx.step += micro
-            return float(total) / max(micro, 1)
+            return self._mean(ctx, total, micro, lr, stage)
         inner.zero_grad(set_to_none=True)
         pending = 0
         for batch in batches:
@@ -144,7 +170,23 @@ class Engine:
                 pending = 0
         if pending:  # a last, partial group (its gradient is divided by accumulate too, as Hugging Face's)
             self._step(ctx, inner, step, params, lr, project)
-        return float(total) / max(micro, 1)
+        return self._mean(ctx, total, micro, lr, stage)
+
+    def _mean(self, ctx: Context, total: torch.Tensor, micro: int, lr: float, stage: tuple[int, int] | None) -> float:
+        """The epoch's mean micro-batch loss ``total / micro``, read from the device once.
+
+        Raises:
+            DivergenceError: the mean is NaN or ±inf; it names the experience, the epoch and the learning rate.
+        """
+        mean = float(total) / max(micro, 1)
+        if math.isfinite(mean):
+            return mean
+        if stage is not None:
+            where = epoch_place(ctx, *stage) + " of a strategy's extra stage"
+            raise DivergenceError(mean, where, lr, "a strategy.* key of the stage")
+        first = ctx.experience == 0 and self.cfg.first_lr is not None
+        raise DivergenceError(mean, epoch_place(ctx, ctx.epoch, self.cfg.epochs), lr,
+                              "engine.first_lr" if first else "engine.lr")
 
     def _step(self, ctx: Context, inner: torch.optim.Optimizer, step: Callable[[], object],
               params: list[torch.nn.Parameter], lr: float, project: Callable[[], None] | None) -> None:
@@ -178,7 +220,7 @@ class Engine:
             for epoch in range(epochs):
                 order = ctx.generator(_STAGE_KEY, key, epoch)
                 batches = source.batches(batch_size or self.cfg.batch_size, shuffle=True, generator=order)
-                losses.append(self._epoch(ctx, batches, loss_fn, optimizer, lr, None))
+                losses.append(self._epoch(ctx, batches, loss_fn, optimizer, lr, None, stage=(epoch, epochs)))
         finally:
             ctx.step = saved_step
         return losses

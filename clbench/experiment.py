@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from clbench import checkpoint, metrics
 from clbench.config import ConfigError, RunConfig
 from clbench.context import Context
 from clbench.display import Display, format_matrix
-from clbench.engine import Engine
+from clbench.engine import DivergenceError, Engine, epoch_place
 from clbench.federated.loop import Clients, FederatedLoop
 from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import needs_collate
-from clbench.tracking import Tracker, git_sha, package_versions
+from clbench.tracking import Tracker, check_store, git_sha, package_versions
 from strategies import build_strategy
 from strategies.base import Strategy
 
@@ -141,10 +142,23 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     not checkpointed, so they cannot resume (the config refuses ``resume=true`` for them). A run on Flower starts
     in :func:`clbench.runner.execute`, whose ServerApp calls this function with its SuperNodes as ``clients``.
 
+    The tracking store and the checkpoint to resume from are checked first, before anything is built or logged.
+    A non-finite epoch loss stops the run (the engine's check, or the one here for a strategy's own loop and a
+    federated round); an exception marks the MLflow run FAILED (with the error as its ``error`` tag), keeping
+    what it logged, and a KeyboardInterrupt marks it KILLED.
+
     Args:
         cfg: the run's config.
         clients: the federated transport (None: in-process clients).
+
+    Raises:
+        clbench.tracking.TrackingError: the tracking store cannot be used (nothing logged).
+        clbench.checkpoint.CheckpointError: ``resume=true`` and the checkpoint cannot be read (nothing logged).
+        clbench.engine.DivergenceError: the loss of an epoch (or a federated round) is NaN or ±inf.
     """
+    check_store(cfg.tracking.uri, cfg.tracking.timeout)
+    path = checkpoint.checkpoint_path(cfg)
+    state = checkpoint.load(path) if cfg.resume else None
     ctx, strategy = setup(cfg)
     model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
     spec = stream.spec
@@ -179,8 +193,6 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     federation = None
     if strategy.federated:  # splits every task over the clients: too many clients is still a config error here
         federation = FederatedLoop(cfg.federated, cfg.engine, ctx, strategy, clients)  # type: ignore[arg-type]
-    path = checkpoint.checkpoint_path(cfg)
-    state = checkpoint.load(path) if cfg.resume else None
     R = np.full((T, T), np.nan)
     others: dict[str, np.ndarray] = {}
     if state is not None:
@@ -231,6 +243,10 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         # Metrics are logged before the snapshot that covers them: a kill in between logs the same value
         # again at the same step on resume (the resumed run recomputes it exactly); none is ever lost.
         def on_epoch_end(epoch: int, loss: float, extra: dict[str, float] | None = None) -> None:
+            if not math.isfinite(loss):  # a strategy's own loop (the engine raises before it calls this)
+                lr = (extra or {}).get("lr", float("nan"))
+                raise DivergenceError(loss, epoch_place(ctx, epoch, cfg.engine.epochs), lr,
+                                      "engine.first_lr" if i == 0 and cfg.engine.first_lr is not None else "engine.lr")
             tracker.log_metrics({"loss": loss} | (extra or {}), step=i * cfg.engine.epochs + epoch)
             display.epoch(i, epoch, loss)
             last_loss[:] = [loss]
@@ -250,6 +266,9 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
 
     def on_round(i: int, r: int, step: int, scores: dict[str, float]) -> None:
         """A federated round's metrics, at step = the round's index over the run."""
+        if not math.isfinite(scores["round_loss"]):
+            raise DivergenceError(scores["round_loss"], f"experience {i + 1}/{T}, round {r + 1}", cfg.engine.lr,
+                                  "engine.lr")
         tracker.log_metrics(scores, step=step)
         display.epoch(i, r, scores["round_loss"])
         last_loss[:] = [scores["round_loss"]]
@@ -290,10 +309,21 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         _write_artifacts(tracker, cfg, R, b, others)
     except BaseException as error:
         display.close()
-        tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+        _close_failed(tracker, error)
         raise
     tracker.finish()
     return _finish_print(cfg, R, b, tracker.run_id, others, primary)
+
+
+def _close_failed(tracker: Tracker, error: BaseException) -> None:
+    """Mark the run FAILED (an exception, whose first line becomes its ``error`` tag) or KILLED (an interrupt);
+    the metrics it logged stay. A store that fails now too is only logged: ``error`` is what the caller sees."""
+    try:
+        if isinstance(error, Exception):
+            tracker.set_tags({"error": (str(error).strip().splitlines() or [type(error).__name__])[0][:1000]})
+        tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+    except Exception as also:  # e.g. the tracking server went away: keep the original error
+        log.warning("could not mark MLflow run %s as failed: %s", tracker.run_id, also)
 
 
 def _finish_print(cfg: RunConfig, R: np.ndarray, b: np.ndarray, run_id: str, others: dict[str, np.ndarray],

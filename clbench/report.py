@@ -5,16 +5,22 @@
 Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. Runs are grouped
 by configuration (a hash of every non-default setting but the seed, recomputed from the run's params), so
 runs that differ in any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config``
-column. When one configuration and seed was run more than once, the latest finished run counts.
+column. When one configuration and seed was run more than once, the latest finished run counts. Runs that did
+not finish (FAILED: diverged or crashed; KILLED; RUNNING: in progress or killed hard) are left out, and counted
+on stderr. A store that cannot be used (a server that does not answer, a file that is not an MLflow database) is
+one line on stderr and exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from clbench.fingerprint import fingerprint_params
+from clbench.tracking import TrackingError, check_store
 
 SCORES = ("acc", "bwt", "fwt", "forgetting")
 
@@ -65,6 +71,19 @@ def collect(uri: str, experiment: str) -> list[Row]:
     return list(rows.values())
 
 
+def unfinished(uri: str, experiment: str) -> Counter[str]:
+    """How many runs of ``experiment`` did not finish, by status (FAILED, KILLED, RUNNING, SCHEDULED)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return Counter()
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status != 'FINISHED'",
+                              max_results=50000)
+    return Counter(r.info.status for r in runs)
+
+
 def render(rows: list[Row], fmt: str) -> str:
     """A markdown (``md``) or CSV table, one row per configuration of a strategy on a benchmark."""
     head = ["benchmark", "strategy", "config", "seeds", "ACC (%)", "BWT (%)", "FWT (%)", "forgetting (%)"]
@@ -90,7 +109,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="results", help="--table: output folder (default: %(default)s)")
     parser.add_argument("--runs", help="--table: build from this per-run CSV instead of MLflow (no figures)")
     parser.add_argument("--commands", action="store_true", help="--table: print each cell's command and stop")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds a tracking server has to answer (default: %(default)s)")
     args = parser.parse_args(argv)
+    try:
+        for uri in [] if args.runs else args.uri.split(","):  # --runs reads a CSV, not the store
+            check_store(uri, args.timeout)
+    except TrackingError as e:
+        print(f"clbench report: {e}", file=sys.stderr)
+        return 3
     if args.table:
         from pathlib import Path
 
@@ -98,7 +125,20 @@ def main(argv: list[str]) -> int:
 
         return table_main(args.table, Path(args.out), args.uri, args.experiment,
                           Path(args.runs) if args.runs else None, args.commands)
-    rows = collect(args.uri, args.experiment)
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        rows = collect(args.uri, args.experiment)
+        left = unfinished(args.uri, args.experiment)
+    except (MlflowException, SQLAlchemyError, RequestException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"clbench report: the MLflow store {args.uri} cannot be read ({first}); fix --uri", file=sys.stderr)
+        return 3
+    if left:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
+        print(f"clbench report: left out {sum(left.values())} run(s) that did not finish ({counts})", file=sys.stderr)
     if not rows:
         print(f"no finished runs in experiment '{args.experiment}' at {args.uri}")
         return 1

@@ -3,22 +3,98 @@
 The default store is an embedded SQLite database in the working directory (``sqlite:///mlflow.db``);
 ``tracking.uri=http://host:5000`` logs to a server instead. The client API is used directly (no global
 "active run"), so a resumed run re-opens the same MLflow run by id.
+
+Before a run logs anything, :func:`check_store` checks that the store can be used, without writing to it: a
+server must answer within ``tracking.timeout`` seconds, an SQLite file must be an (MLflow) SQLite database.
+Otherwise a :class:`TrackingError` names the URI or the file and what to do.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from clbench.config import TrackingConfig
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used (a server that does not answer, a file that is not an MLflow database);
+    the message names the URI or the file and what to do. Nothing was written to the store."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` tracking URI (relative to the working directory unless it starts
+    with ``/``, as MLflow reads it), or None for another scheme or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(raw) if raw and raw != ":memory:" else None
+
+
+def check_store(uri: str, timeout: float) -> None:
+    """Check, without writing to it, that the MLflow store at ``uri`` can be used: an ``http(s)://`` server must
+    answer a request (any HTTP status) within ``timeout`` seconds; an ``sqlite:///`` file must be absent, empty,
+    or an SQLite database with MLflow's tables. Other schemes are left to MLflow.
+
+    Raises:
+        TrackingError: naming the URI or the file, the error, and what to do.
+    """
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, timeout)
+    path = sqlite_path(uri)
+    if path is not None:
+        _check_sqlite(path)
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """One GET of ``<uri>/health``: an HTTP answer of any status passes; no answer in ``timeout`` s fails."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered (an MLflow server without /health, or behind authentication)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TrackingError(f"tracking server {uri} did not answer ({reason}; waited up to {timeout:g} s): start it, "
+                            "fix tracking.uri, or raise tracking.timeout") from None
+
+
+def _check_sqlite(path: Path) -> None:
+    """An MLflow SQLite store's file: absent (MLflow creates it), empty, or an SQLite database whose tables are
+    MLflow's; opened read-only."""
+    where = path.resolve()
+    if not path.exists():  # MLflow creates it (and its folder)
+        return
+    if path.is_dir():
+        raise TrackingError(f"MLflow store {where} is a folder, not an SQLite file; fix tracking.uri")
+    if path.stat().st_size == 0:
+        return
+    try:
+        con = sqlite3.connect(f"{where.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise TrackingError(f"MLflow store {where} is not a usable SQLite database ({e}); it was left as it is: move "
+                            f"it aside (mv {path} {path}.bad) to start a new store, or set tracking.uri to another "
+                            "one") from None
+    if tables and not {"experiments", "runs"} <= tables:
+        raise TrackingError(f"MLflow store {where} is an SQLite database without MLflow's tables (it has "
+                            f"{sorted(tables)[:5]}); it was left as it is: set tracking.uri to another file")
 
 
 def package_versions() -> dict[str, str]:
@@ -50,22 +126,33 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, run_name: str, run_id: str | None = None,
                  tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from requests import RequestException
+        from sqlalchemy.exc import SQLAlchemyError
 
-        self.client = MlflowClient(tracking_uri=cfg.uri)
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            local = cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri
-            location = Path(cfg.artifact_root).resolve().as_uri() if local else None
-            exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
-        if run_id is None:
-            run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
-            self.run_id = run.info.run_id
-        else:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+        check_store(cfg.uri, cfg.timeout)
+        self.resumed = run_id is not None
+        try:
+            self.client = MlflowClient(tracking_uri=cfg.uri)
+            exp = self.client.get_experiment_by_name(cfg.experiment)
+            if exp is None:
+                local = cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri
+                location = Path(cfg.artifact_root).resolve().as_uri() if local else None
+                exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            if run_id is None:
+                run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+                self.run_id = run.info.run_id
+            else:
+                self.run_id = run_id
+                self.client.update_run(run_id, status="RUNNING")
+        except (MlflowException, SQLAlchemyError, RequestException, OSError) as e:
+            path = sqlite_path(cfg.uri)
+            store = f"MLflow store {path.resolve()}" if path is not None else f"MLflow store {cfg.uri}"
+            raise TrackingError(f"{store} cannot be used ({_first_line(e)}); fix or move it aside, or set "
+                                "tracking.uri to another store") from e
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches (MLflow caps batch size and value length)."""
@@ -91,5 +178,14 @@ class Tracker:
             self.client.set_tag(self.run_id, k, v)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``); a resumed run that finishes drops the ``error``
+        tag an earlier failure left."""
+        if status == "FINISHED" and self.resumed and "error" in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, "error")
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
