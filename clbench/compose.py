@@ -84,7 +84,22 @@ def _family(group: str, node: dict[str, Any], registry: dict[str, Any]) -> Any:
     name = node.get("name")
     if name not in registry:
         raise ConfigError(f"unknown {group} '{name}' ({group}.name); valid: {sorted(registry)}")
+    if group == "strategy":
+        node = _one_for_all(node, registry[name](name=name))
     return _merge(registry[name], node, f"{group}.")
+
+
+def _one_for_all(node: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """``node`` with a single number given for a strategy's per-layer list of numbers (``strategy.threshold=0.97``)
+    as that one-element list, which the strategies read as "the same value for every layer"."""
+
+    def per_layer_numbers(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, int | float) for v in value)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return {k: [v] if number(v) and per_layer_numbers(getattr(defaults, k, None)) else v for k, v in node.items()}
 
 
 def load(cfg: DictConfig | dict) -> RunConfig:

@@ -135,3 +135,13 @@ def test_a_key_of_another_family_is_refused_naming_the_valid_ones(tmp_path):
 
     with pytest.raises(ConfigError, match=r"unknown config key 'model.tau'.*'hidden'"):
         run_config(tmp_path, "+model.tau=2.0")
+
+
+def test_one_number_for_a_per_layer_list_means_every_layer(tmp_path):
+    """``strategy.threshold=0.97`` (gpm.yaml: "one value: all layers") is that one-element list, not a type error."""
+    from helpers import run_config
+
+    assert run_config(tmp_path, "strategy=gpm", "strategy.threshold=0.97").strategy.threshold == [0.97]
+    assert run_config(tmp_path, "strategy=gpm", "strategy.samples=100").strategy.samples == [100]
+    with pytest.raises(ConfigError, match=r"'strategy.threshold'.*\(0, 1\]"):
+        run_config(tmp_path, "strategy=gpm", "strategy.threshold=1.5")
