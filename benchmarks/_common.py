@@ -125,4 +125,25 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-__all__ += ["paired_ratio", "timeit_rounds"]
+def train_one_experience(ctx: Any, strategy: Any, engine: Any, losses: list[float]) -> Callable[[], None]:
+    """A function that trains experience 0 of ``ctx`` as a run does: ``before_experience``, a fresh optimizer and
+    schedule, ``attach``, the engine's ``fit`` (each epoch's loss appended to ``losses``), ``detach``,
+    ``after_experience``."""
+
+    def run() -> None:
+        ctx.experience, ctx.epoch, ctx.step = 0, 0, 0
+        strategy.before_experience(ctx)
+        ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), 0)
+        ctx.schedule = engine.schedule(ctx.optimizer, ctx.module)
+        strategy.attach(ctx)
+        try:
+            engine.fit(ctx, strategy, 0, lambda epoch, loss, extra=None: losses.append(loss))
+        finally:
+            strategy.detach(ctx)
+        strategy.after_experience(ctx)
+        ctx.optimizer = ctx.schedule = None
+
+    return run
+
+
+__all__ += ["paired_ratio", "timeit_rounds", "train_one_experience"]

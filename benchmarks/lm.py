@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
+from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds, train_one_experience
 
 MODELS: dict[str, str] = {"tiny-llama": "causal_lm", "small-llama": "causal_lm", "tiny-t5": "seq2seq_lm"}
 LORA_TARGETS: dict[str, list[str]] = {"causal_lm": ["q_proj", "v_proj"], "seq2seq_lm": ["q", "v"]}
@@ -235,20 +235,7 @@ def clbench_train(lm: Any, tensors: Mapping[str, torch.Tensor], device: torch.de
     engine = Engine(cfg, fabric)
     losses: list[float] = []
 
-    def run() -> None:
-        ctx.experience, ctx.epoch, ctx.step = 0, 0, 0
-        strategy.before_experience(ctx)
-        ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), 0)
-        ctx.schedule = engine.schedule(ctx.optimizer, lm)
-        strategy.attach(ctx)
-        try:
-            engine.fit(ctx, strategy, 0, lambda epoch, loss, extra=None: losses.append(loss))
-        finally:
-            strategy.detach(ctx)
-        strategy.after_experience(ctx)
-        ctx.optimizer = ctx.schedule = None
-
-    return run
+    return train_one_experience(ctx, strategy, engine, losses)
 
 
 def hand_train(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], family: str,

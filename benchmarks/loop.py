@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
+from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds, train_one_experience
 from clbench.models.alexnet import AlexNet
 from clbench.models.base import ContinualModel
 from clbench.models.mlp import MLP
@@ -156,20 +156,7 @@ def clbench_epoch(bm: Any, batch_size: int, model_name: str = "mlp") -> Callable
     engine = Engine(cfg, fabric)
     losses: list[float] = []
 
-    def run() -> None:
-        ctx.experience, ctx.epoch = 0, 0
-        strategy.before_experience(ctx)
-        ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), 0)
-        ctx.schedule = engine.schedule(ctx.optimizer, module)
-        strategy.attach(ctx)
-        try:
-            engine.fit(ctx, strategy, 0, lambda epoch, loss, extra=None: losses.append(loss))
-        finally:
-            strategy.detach(ctx)
-        strategy.after_experience(ctx)
-        ctx.optimizer = ctx.schedule = None
-
-    return run
+    return train_one_experience(ctx, strategy, engine, losses)
 
 
 def slice_epoch(x: torch.Tensor, y: torch.Tensor, batch_size: int, model_name: str = "mlp") -> Callable[[], None]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -24,3 +27,36 @@ def run_config(tmp: Path, *overrides: str) -> RunConfig:
 def gen(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (tests draw their data from their own generators)."""
     return torch.Generator().manual_seed(seed)
+
+
+def interrupt_in_task(task: int, epoch: int):
+    """An ``Engine.fit`` that raises KeyboardInterrupt (a kill) right after the checkpoint of ``epoch`` of
+    ``task``."""
+    import clbench.engine
+
+    original = clbench.engine.Engine.fit
+
+    def fit(self, ctx, strategy, start_epoch, on_epoch_end):
+        def cut(e, loss, extra=None):
+            on_epoch_end(e, loss, extra)
+            if ctx.experience == task and e == epoch:
+                raise KeyboardInterrupt
+
+        return original(self, ctx, strategy, start_epoch, cut)
+
+    return fit
+
+
+def killed_and_resumed(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, task: int = 1,
+                       epoch: int = 0) -> tuple[Any, Any]:
+    """``cfg`` run whole (MLflow experiment ``whole``), then run again, killed after ``epoch`` of ``task``, and
+    resumed with ``resume=true``: the whole run's result and the resumed one's."""
+    import clbench.engine
+    from clbench.experiment import run
+
+    whole = run(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="whole")))
+    monkeypatch.setattr(clbench.engine.Engine, "fit", interrupt_in_task(task, epoch))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.undo()
+    return whole, run(dataclasses.replace(cfg, resume=True))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import gen, run_config
+from helpers import gen, interrupt_in_task, killed_and_resumed, run_config
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -181,34 +181,13 @@ class _Adapters(Strategy):
             self._add(ctx)
 
 
-def _interrupt_in_task(task: int, epoch: int):
-    """An ``Engine.fit`` that raises KeyboardInterrupt (a kill) right after the checkpoint of ``epoch`` of
-    ``task``."""
-    original = clbench.engine.Engine.fit
-
-    def fit(self, ctx, strategy, start_epoch, on_epoch_end):
-        def cut(e, loss, extra=None):
-            on_epoch_end(e, loss, extra)
-            if ctx.experience == task and e == epoch:
-                raise KeyboardInterrupt
-
-        return original(self, ctx, strategy, start_epoch, cut)
-
-    return fit
-
-
 def test_resume_re_creates_adapters_before_the_weights_load(tmp_path, monkeypatch):
     """Killed inside task 2 with two adapters in the model, the resumed run re-creates them from the strategy's
     state, then loads the weights: the same R as an uninterrupted run (to 1e-6), in the same MLflow run."""
     base = run_config(tmp_path, "strategy=naive", "benchmark=permuted_digits", "benchmark.n_tasks=3",
                       "engine.epochs=2", "engine.lr=0.05")
     cfg = dataclasses.replace(base, strategy=_AdapterConfig(name="_test_adapters"))
-    whole = run(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="whole")))
-    monkeypatch.setattr(clbench.engine.Engine, "fit", _interrupt_in_task(1, 0))
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.undo()
-    resumed = run(dataclasses.replace(cfg, resume=True))
+    whole, resumed = killed_and_resumed(cfg, monkeypatch)
     assert whole.run_id != resumed.run_id
     torch.testing.assert_close(torch.tensor(resumed.R), torch.tensor(whole.R), atol=1e-6, rtol=0)
 
@@ -218,7 +197,7 @@ def test_without_rebuild_the_saved_adapters_cannot_load(tmp_path, monkeypatch):
     base = run_config(tmp_path, "strategy=naive", "benchmark=permuted_digits", "benchmark.n_tasks=2",
                       "engine.epochs=2")
     cfg = dataclasses.replace(base, strategy=_AdapterConfig(name="_test_adapters"))
-    monkeypatch.setattr(clbench.engine.Engine, "fit", _interrupt_in_task(1, 0))
+    monkeypatch.setattr(clbench.engine.Engine, "fit", interrupt_in_task(1, 0))
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.undo()

@@ -5,7 +5,6 @@ report table."""
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,11 +12,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
-from test_engine import _interrupt_in_task
+from helpers import killed_and_resumed, run_config
 from torch import nn
 
-import clbench.engine
 from clbench.config import ConfigError
 from clbench.experiment import run
 from clbench.report import collect
@@ -60,15 +57,10 @@ def test_full_fine_tuning_learns_each_task_and_forgets(tmp_path):
 
 def test_lora_run_killed_inside_task_2_resumes_to_the_same_matrix(tmp_path, monkeypatch):
     cfg = run_config(tmp_path, "strategy=naive", *FAST, "benchmark.n_tasks=2")
-    whole = run(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="whole")))
-    monkeypatch.setattr(clbench.engine.Engine, "fit", _interrupt_in_task(1, 0))
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.undo()
+    whole, resumed = killed_and_resumed(cfg, monkeypatch)
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
-    killed = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    resumed = run(dataclasses.replace(cfg, resume=True))
-    assert [r.info.run_id for r in killed] == [resumed.run_id]  # the same MLflow run
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [resumed.run_id]  # the killed run, continued: no second run
     torch.testing.assert_close(torch.tensor(resumed.R), torch.tensor(whole.R), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(resumed.others["loss"]), torch.tensor(whole.others["loss"]),
                                atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import gen, run_config
+from helpers import gen, killed_and_resumed, run_config
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -252,18 +252,9 @@ def test_bad_olora_input_is_refused_before_training(tmp_path, overrides, pattern
 
 
 def test_olora_resumes_inside_task_2_with_its_adapters(tmp_path, monkeypatch):
-    from test_engine import _interrupt_in_task
-
-    import clbench.engine
-
     cfg = run_config(tmp_path, "strategy=olora", *FAST, "benchmark.n_tasks=2", "engine.epochs=2",
                      "strategy.lambda2=0.01")
-    whole = run(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="whole")))
-    monkeypatch.setattr(clbench.engine.Engine, "fit", _interrupt_in_task(1, 0))
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.undo()
-    resumed = run(dataclasses.replace(cfg, resume=True))
+    whole, resumed = killed_and_resumed(cfg, monkeypatch)
     torch.testing.assert_close(torch.tensor(resumed.R), torch.tensor(whole.R), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(resumed.others["loss"]), torch.tensor(whole.others["loss"]),
                                atol=1e-6, rtol=0)
