@@ -145,3 +145,14 @@ def test_one_number_for_a_per_layer_list_means_every_layer(tmp_path):
     assert run_config(tmp_path, "strategy=gpm", "strategy.samples=100").strategy.samples == [100]
     with pytest.raises(ConfigError, match=r"'strategy.threshold'.*\(0, 1\]"):
         run_config(tmp_path, "strategy=gpm", "strategy.threshold=1.5")
+
+
+def test_an_entry_of_a_dict_valued_key_changes_the_config_key(tmp_path):
+    """``engine.optimizer_args`` is a dict: its entries are flattened below it and still count in the key."""
+    from helpers import run_config
+
+    from clbench.fingerprint import fingerprint
+
+    base = fingerprint(run_config(tmp_path, "strategy=naive"), False)
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "+engine.optimizer_args.eps=1e-6"), False) != base
+    assert fingerprint(run_config(tmp_path, "strategy=naive", "engine.warmup_steps=0"), False) == base
