@@ -9,7 +9,8 @@ A run that cannot go on prints one line ``clbench: ...`` on stderr (no traceback
 * 2: a config error (:class:`~clbench.config.ConfigError`) or missing data; nothing was logged.
 * 3: a file or service the run needs cannot be used: a corrupt checkpoint (:class:`~clbench.checkpoint.
   CheckpointError`), an unusable MLflow store or a tracking server that does not answer
-  (:class:`~clbench.tracking.TrackingError`); nothing was logged or overwritten.
+  (:class:`~clbench.tracking.TrackingError`), a place the run writes that is not writable, or the same config
+  running in another process now (:class:`~clbench.places.PlaceError`); nothing was logged or overwritten.
 
 In a sweep (``-m``) a job that diverges or cannot resume is reported and the sweep goes on; the exit code is then
 that of the first failed job. A config error or an unusable store stops the sweep at once.
@@ -18,15 +19,18 @@ that of the first failed job. A config error or an unusable store stops the swee
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from clbench.checkpoint import CheckpointError
 from clbench.compose import load
 from clbench.config import ConfigError
 from clbench.engine import DivergenceError
+from clbench.places import PlaceError, check_writable
 from clbench.tracking import TrackingError
 
 EXIT_DIVERGED, EXIT_CONFIG, EXIT_UNUSABLE = 1, 2, 3
@@ -47,6 +51,24 @@ def _sweeping() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+class CheckOutputFolder(Callback):
+    """Hydra callback (``hydra.callbacks`` in config.yaml): Hydra's output folder must be writable, else one line
+    naming it and the key that moves it, instead of Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, key: str) -> None:
+        try:
+            check_writable(Path(folder), key)
+        except PlaceError as e:
+            _fail(str(e), EXIT_UNUSABLE)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> float:
     try:
@@ -61,7 +83,7 @@ def _run(cfg: DictConfig) -> float:
         _fail(f"config error: {e}", EXIT_CONFIG)
     except FileNotFoundError as e:  # missing data: the message names the path and benchmark.download
         _fail(str(e), EXIT_CONFIG)
-    except TrackingError as e:
+    except (TrackingError, PlaceError) as e:
         _fail(str(e), EXIT_UNUSABLE)
     except (DivergenceError, CheckpointError) as e:
         code = EXIT_DIVERGED if isinstance(e, DivergenceError) else EXIT_UNUSABLE

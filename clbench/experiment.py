@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -9,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +24,10 @@ from clbench.engine import DivergenceError, Engine, epoch_place
 from clbench.federated.loop import Clients, FederatedLoop
 from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
+from clbench.places import check_writable, run_lock
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import needs_collate
-from clbench.tracking import Tracker, check_store, git_sha, package_versions
+from clbench.tracking import Tracker, check_store, git_sha, package_versions, sqlite_path
 from strategies import build_strategy
 from strategies.base import Strategy
 
@@ -142,7 +145,9 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     not checkpointed, so they cannot resume (the config refuses ``resume=true`` for them). A run on Flower starts
     in :func:`clbench.runner.execute`, whose ServerApp calls this function with its SuperNodes as ``clients``.
 
-    The tracking store and the checkpoint to resume from are checked first, before anything is built or logged.
+    The places the run writes (checkpoint folder, SQLite store), the tracking store and the checkpoint to resume
+    from are checked first, before anything is built or logged; the run then holds its checkpoint folder's lock
+    (:func:`clbench.places.run_lock`), so a second process of the same config is refused, not a second writer.
     A non-finite epoch loss stops the run (the engine's check, or the one here for a strategy's own loop and a
     federated round); an exception marks the MLflow run FAILED (with the error as its ``error`` tag), keeping
     what it logged, and a KeyboardInterrupt marks it KILLED.
@@ -152,13 +157,25 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         clients: the federated transport (None: in-process clients).
 
     Raises:
+        clbench.places.PlaceError: a place the run writes is not writable, or this config runs in another
+            process now (nothing logged).
         clbench.tracking.TrackingError: the tracking store cannot be used (nothing logged).
         clbench.checkpoint.CheckpointError: ``resume=true`` and the checkpoint cannot be read (nothing logged).
         clbench.engine.DivergenceError: the loss of an epoch (or a federated round) is NaN or ±inf.
     """
+    check_writable(Path(cfg.checkpoint_dir), "checkpoint_dir")
+    store = sqlite_path(cfg.tracking.uri)
+    if store is not None:
+        check_writable(store, "tracking.uri", is_file=True)
     check_store(cfg.tracking.uri, cfg.tracking.timeout)
     path = checkpoint.checkpoint_path(cfg)
-    state = checkpoint.load(path) if cfg.resume else None
+    with run_lock(path.parent, "checkpoint_dir"):
+        state = checkpoint.load(path) if cfg.resume else None
+        return _run_held(cfg, clients, path, state)
+
+
+def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[str, Any] | None) -> RunResult:
+    """:func:`run` once its places are checked, its run lock held and its checkpoint (if any) read."""
     ctx, strategy = setup(cfg)
     model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
     spec = stream.spec
@@ -205,7 +222,8 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     elif cfg.resume:
         print(f"resume=true but there is no checkpoint at {path}: starting afresh")
     tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
-                      tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)})
+                      tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)},
+                      run_key=hashlib.sha1(str(path.parent.resolve()).encode()).hexdigest()[:16])
     display = Display(cfg.engine.progress, cfg.strategy.name, T,
                       cfg.engine.epochs if federation is None else max(federation.rounds))
     last_loss: list[float] = []

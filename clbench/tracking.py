@@ -5,8 +5,12 @@ The default store is an embedded SQLite database in the working directory (``sql
 "active run"), so a resumed run re-opens the same MLflow run by id.
 
 Before a run logs anything, :func:`check_store` checks that the store can be used, without writing to it: a
-server must answer within ``tracking.timeout`` seconds, an SQLite file must be an (MLflow) SQLite database.
-Otherwise a :class:`TrackingError` names the URI or the file and what to do.
+server must answer within ``tracking.timeout`` seconds, an SQLite file must be an (MLflow) SQLite database whose
+schema is not half-migrated. Otherwise a :class:`TrackingError` names the URI or the file and what to do.
+
+Several runs may start at once on one SQLite store, even a fresh one: MLflow creates (or migrates) the schema on
+first use, which is not safe to do concurrently, so that first use and the experiment's creation are serialized
+with a lock on the store's folder (:func:`clbench.places.folder_lock`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 from clbench.config import TrackingConfig
+from clbench.places import check_writable, folder_lock
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
@@ -47,7 +53,7 @@ def sqlite_path(uri: str) -> Path | None:
 def check_store(uri: str, timeout: float) -> None:
     """Check, without writing to it, that the MLflow store at ``uri`` can be used: an ``http(s)://`` server must
     answer a request (any HTTP status) within ``timeout`` seconds; an ``sqlite:///`` file must be absent, empty,
-    or an SQLite database with MLflow's tables. Other schemes are left to MLflow.
+    or an SQLite database with MLflow's tables and no half-done migration. Other schemes are left to MLflow.
 
     Raises:
         TrackingError: naming the URI or the file, the error, and what to do.
@@ -55,8 +61,9 @@ def check_store(uri: str, timeout: float) -> None:
     if uri.startswith(("http://", "https://")):
         _check_server(uri, timeout)
     path = sqlite_path(uri)
-    if path is not None:
-        _check_sqlite(path)
+    if path is not None and path.parent.is_dir():
+        with folder_lock(path.parent):  # not while another run creates or migrates the schema
+            _check_sqlite(path)
 
 
 def _check_server(uri: str, timeout: float) -> None:
@@ -95,6 +102,13 @@ def _check_sqlite(path: Path) -> None:
     if tables and not {"experiments", "runs"} <= tables:
         raise TrackingError(f"MLflow store {where} is an SQLite database without MLflow's tables (it has "
                             f"{sorted(tables)[:5]}); it was left as it is: set tracking.uri to another file")
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftovers:  # a schema migration that stopped half-way (e.g. runs of an older clbench racing on it)
+        drops = "; ".join(f"DROP TABLE {t}" for t in leftovers)
+        raise TrackingError(f"MLflow store {where} holds a schema migration that stopped half-way (tables "
+                            f"{', '.join(leftovers)}); it was left as it is: back it up, then repair it with "
+                            f"sqlite3 {path} '{drops};' && mlflow db upgrade sqlite:///{where}, or set tracking.uri "
+                            "to another file")
 
 
 def package_versions() -> dict[str, str]:
@@ -122,10 +136,24 @@ def git_sha() -> str:
 
 
 class Tracker:
-    """An MLflow run: params once, metrics per epoch / experience, artifacts at the end."""
+    """An MLflow run: params once, metrics per epoch / experience, artifacts at the end.
+
+    Args:
+        cfg: where to log.
+        run_name: the new run's name.
+        run_id: the run to continue (a resumed run), or None for a new one.
+        tags: the new run's tags.
+        run_key: a key unique to this run's checkpoint folder, set as the tag ``clbench.run_key``. The caller holds
+            that folder's run lock (:func:`clbench.places.run_lock`), so any other RUNNING run with the same key
+            is an orphan of a process killed before its first checkpoint: it is closed as KILLED.
+
+    Raises:
+        TrackingError: the store cannot be used.
+        clbench.places.PlaceError: the artifact folder of a local store cannot be written.
+    """
 
     def __init__(self, cfg: TrackingConfig, run_name: str, run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None) -> None:
+                 tags: Mapping[str, str] | None = None, run_key: str | None = None) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
         from requests import RequestException
@@ -133,26 +161,47 @@ class Tracker:
 
         check_store(cfg.uri, cfg.timeout)
         self.resumed = run_id is not None
+        path = sqlite_path(cfg.uri)
         try:
-            self.client = MlflowClient(tracking_uri=cfg.uri)
-            exp = self.client.get_experiment_by_name(cfg.experiment)
-            if exp is None:
+            with folder_lock(path.resolve().parent) if path is not None else nullcontext():
+                self.client = MlflowClient(tracking_uri=cfg.uri)
+                exp = self.client.get_experiment_by_name(cfg.experiment)  # creates or migrates the schema
                 local = cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri
-                location = Path(cfg.artifact_root).resolve().as_uri() if local else None
-                exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
-            else:
-                exp_id = exp.experiment_id
+                if exp is None:
+                    location = None
+                    if local:
+                        check_writable(Path(cfg.artifact_root), "tracking.artifact_root")
+                        location = Path(cfg.artifact_root).resolve().as_uri()
+                    exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
+                    exp = self.client.get_experiment(exp_id)
+            if exp.artifact_location.startswith("file:"):  # fixed when the experiment was created
+                check_writable(Path(unquote(urlparse(exp.artifact_location).path)),
+                               f"tracking.experiment (experiment '{cfg.experiment}' keeps its artifacts there)")
+            if run_key is not None:
+                self._close_orphans(exp.experiment_id, run_key, keep=run_id)
             if run_id is None:
-                run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+                key_tag = {} if run_key is None else {"clbench.run_key": run_key}
+                run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=dict(tags or {}) | key_tag)
                 self.run_id = run.info.run_id
             else:
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
         except (MlflowException, SQLAlchemyError, RequestException, OSError) as e:
-            path = sqlite_path(cfg.uri)
             store = f"MLflow store {path.resolve()}" if path is not None else f"MLflow store {cfg.uri}"
             raise TrackingError(f"{store} cannot be used ({_first_line(e)}); fix or move it aside, or set "
                                 "tracking.uri to another store") from e
+
+    def _close_orphans(self, experiment_id: str, run_key: str, keep: str | None) -> None:
+        """Close as KILLED the RUNNING runs tagged ``run_key`` other than ``keep``: their processes are gone."""
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`clbench.run_key` = '{run_key}' and attributes.status = 'RUNNING'")
+        for orphan in found:
+            if orphan.info.run_id != keep:
+                self.client.set_tag(orphan.info.run_id, "error", "orphaned: its process ended before the run's "
+                                                                 "first checkpoint; closed by a later run")
+                self.client.set_terminated(orphan.info.run_id, status="KILLED")
+                print(f"closed MLflow run {orphan.info.run_id} as KILLED: an earlier process of this config ended "
+                      "before its first checkpoint")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches (MLflow caps batch size and value length)."""

@@ -5,7 +5,9 @@ with a documented exit code, and leave the store and the checkpoint as they were
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -483,3 +485,225 @@ def test_cli_unknown_key_exits_2_listing_the_valid_keys(tmp_path):
     out = _cli(tmp_path, *SMALL, "engine.lrr=0.1")
     assert out.returncode == 2
     assert _one_line(out).startswith("clbench: config error: unknown config key 'engine.lrr'; valid keys here: [")
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+
+_LOGGER = """
+import sys
+from clbench.config import TrackingConfig
+from clbench.tracking import Tracker
+t = Tracker(TrackingConfig(uri=sys.argv[1], artifact_root=sys.argv[2]), "r" + sys.argv[3])
+t.log_params({"writer": sys.argv[3]})
+for step in range(20):
+    t.log_metrics({"x": step, "y": 2 * step}, step=step)
+t.finish()
+"""
+
+
+def _writers(tmp: Path, n: int) -> list[subprocess.Popen]:
+    """``n`` processes that each open the store ``tmp/mlflow.db`` at once and log a run of 20 steps."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-c", _LOGGER, f"sqlite:///{tmp}/mlflow.db", str(tmp / "art"), str(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+@pytest.mark.timeout(240)
+def test_writers_started_together_on_a_fresh_store_all_log_everything(tmp_path):
+    """Before the fix 7 of 8 such writers died on MLflow's schema creation racing ("duplicate column name",
+    ``_alembic_tmp_experiments already exists``); 4 is enough to show it and is fast."""
+    procs = _writers(tmp_path, 4)
+    errors = [p.communicate(timeout=200)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)
+    runs = _runs(tmp_path)
+    assert sorted(r.data.params["writer"] for r in runs) == ["0", "1", "2", "3"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(r.info.run_id, "y")] == [2.0 * s for s in range(20)]
+
+
+def test_a_half_migrated_store_is_named_with_its_repair(tmp_path):
+    """A migration that stopped half-way leaves ``_alembic_tmp_*`` tables (what racing runs did before the lock):
+    every later run then failed deep inside MLflow. Now it is named, with a repair that works."""
+    from clbench.tracking import Tracker, TrackingError, check_store
+
+    db = tmp_path / "mlflow.db"
+    Tracker(_sqlite_cfg(db), "r").finish()
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE _alembic_tmp_tags (key TEXT)")
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(TrackingError) as info:
+        check_store(f"sqlite:///{db}", 1)
+    message = str(info.value)
+    assert f"MLflow store {db} holds a schema migration that stopped half-way (tables _alembic_tmp_tags)" in message
+    assert db.read_bytes() == before
+    repair = message.split("repair it with ")[1].split(" && ")[0]  # sqlite3 <file> 'DROP TABLE ...;'
+    with sqlite3.connect(db) as con:  # the same statement the message gives to the sqlite3 shell
+        con.executescript(repair.split("'")[1])
+    con.close()
+    check_store(f"sqlite:///{db}", 1)
+    Tracker(_sqlite_cfg(db), "again").finish()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_eight_runs_started_together_in_a_fresh_folder_all_finish(tmp_path):
+    """Issue 13's command: 8 ``clbench`` runs at once in a fresh folder (the default SQLite store); before the fix
+    most died and the store could be left unusable."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "clbench.cli", *SMALL, f"seed={s}", "engine.progress=none",
+                               "threads=1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s in range(8)]
+    errors = [p.communicate(timeout=800)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, "\n".join(errors)
+    runs = _runs(tmp_path)
+    assert sorted(r.data.tags["seed"] for r in runs) == [str(s) for s in range(8)]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert {"acc", "bwt", "fwt", "forgetting", "acc_task/2", "loss"} <= set(r.data.metrics)
+
+
+# ---------------------------------------------------------------------------------------------- run lock, orphans
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_same_config_running_in_another_process_is_refused_before_anything_is_logged(tmp_path):
+    """Before the fix both processes wrote one checkpoint file (the last writer won) and, resumed, logged the
+    same steps twice."""
+    from clbench.places import PlaceError
+
+    cfg = run_config(tmp_path, *SMALL, "benchmark.n_tasks=2", "engine.epochs=1")
+    folder = checkpoint.checkpoint_path(cfg).parent
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PlaceError, match=rf"another clbench process is running this config now \(it holds "
+                                             rf"{folder}\); wait for it to end, or run a copy with another seed "
+                                             r"or checkpoint_dir"):
+            run(cfg)
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        holder.kill()  # like kill -9: the lock goes with the process
+        holder.wait()
+    assert run(cfg).R.shape == (2, 2)
+
+
+def test_a_refused_run_leaves_no_empty_checkpoint_folder(tmp_path):
+    cfg = run_config(tmp_path, *SMALL, "strategy.threshold=[0.9, 0.9]")  # the MLP has 3 protected layers
+    with pytest.raises(ConfigError):
+        run(cfg)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_run_orphaned_before_its_first_checkpoint_is_closed_by_the_next(tmp_path, monkeypatch, capsys):
+    """A process killed between MLflow creating its run and the first checkpoint left a run RUNNING for ever;
+    the next run of the same config (resumed or not) now closes it as KILLED."""
+    import clbench.experiment
+
+    cfg = run_config(tmp_path, *SMALL, "benchmark.n_tasks=2", "engine.epochs=1")
+
+    def killed(*args, **kwargs):  # the state kill -9 leaves: no checkpoint, and no chance to close the run
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save", killed)
+        m.setattr(clbench.experiment, "_close_failed", lambda tracker, error: None)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    (orphan,) = _runs(tmp_path)
+    assert orphan.info.status == "RUNNING" and not checkpoint.checkpoint_path(cfg).exists()
+    result = run(dataclasses.replace(cfg, resume=True))
+    assert f"closed MLflow run {orphan.info.run_id} as KILLED" in capsys.readouterr().out
+    status = {r.info.run_id: r.info.status for r in _runs(tmp_path)}
+    assert status == {orphan.info.run_id: "KILLED", result.run_id: "FINISHED"}
+
+
+def test_another_configs_running_run_is_not_closed(tmp_path):
+    """Only runs of the same checkpoint folder are orphans: another seed's RUNNING run is left alone."""
+    cfg = run_config(tmp_path, *SMALL, "benchmark.n_tasks=2", "engine.epochs=1")
+    from clbench.tracking import Tracker
+
+    other = Tracker(cfg.tracking, "other", run_key="0123456789abcdef")
+    run(cfg)
+    assert {r.info.run_id: r.info.status for r in _runs(tmp_path)}[other.run_id] == "RUNNING"
+
+
+# ---------------------------------------------------------------------------------------------- places
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("checkpoint_dir", "{blocked}/checkpoints"),
+    ("tracking.uri", "sqlite:///{blocked}/mlflow.db"),
+    ("tracking.artifact_root", "{blocked}/art"),
+])
+def test_a_place_that_cannot_be_written_is_one_error_naming_it_and_its_key(tmp_path, key, value):
+    """A path under a file cannot be created (as under a read-only folder); before the fix: a traceback after
+    the run had started (an unwritable SQLite store: MLflow retried for minutes first)."""
+    from clbench.places import PlaceError
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    cfg = run_config(tmp_path, *SMALL, f"{key}={value.format(blocked=blocked)}")
+    with pytest.raises(PlaceError, match=rf"cannot write to {blocked}/\S+ \(Not a directory\); set {key} to a "
+                                         "writable place"):
+        run(cfg)
+    if (tmp_path / "mlflow.db").exists():  # nothing logged: no experiment (its artifact folder is unwritable)
+        from mlflow.tracking import MlflowClient
+
+        assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("clbench") is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through folder permissions")
+def test_a_folder_without_write_permission_is_named(tmp_path):
+    from clbench.places import PlaceError, check_writable
+
+    tmp_path.joinpath("ro").mkdir(mode=0o555)
+    with pytest.raises(PlaceError, match=r"ro \(Permission denied\); set checkpoint_dir"):
+        check_writable(tmp_path / "ro", "checkpoint_dir")
+
+
+def _read_only_mount(folder: Path) -> list[str] | None:
+    """The command prefix that runs a command in ``folder`` mounted read-only (a user and mount namespace),
+    or None where this machine cannot."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {folder}"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        return None
+    return ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o ro tmpfs {folder} && cd {folder} && exec "$@"', "sh"]
+
+
+@pytest.mark.timeout(120)
+def test_cli_in_a_read_only_folder_exits_3_naming_the_output_folder(tmp_path):
+    """Issue 13's read-only working directory: before the fix Hydra's traceback (``Read-only file system:
+    'outputs'``) and exit 1."""
+    prefix = _read_only_mount(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot mount a read-only folder here (no unshare, or user namespaces are off)")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*prefix, sys.executable, "-m", "clbench.cli", *SMALL], env=env, capture_output=True,
+                         text=True, timeout=100)
+    line = _one_line(out)
+    assert out.returncode == 3
+    assert line.startswith(f"clbench: cannot write to {tmp_path}/outputs/") and line.endswith(
+        "(Read-only file system); set hydra.run.dir to a writable place")
+
+
+def test_cli_unwritable_store_exits_3_naming_tracking_uri(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    out = _cli(tmp_path, *SMALL, f"tracking.uri=sqlite:///{blocked}/mlflow.db")
+    assert out.returncode == 3
+    assert _one_line(out) == (f"clbench: cannot write to {blocked}/mlflow.db (Not a directory); set tracking.uri to a "
+                              "writable place")
