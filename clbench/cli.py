@@ -5,7 +5,7 @@ Hydra composes ``clbench/conf``; :func:`clbench.compose.load` validates it befor
 A run that cannot go on prints one line ``clbench: ...`` on stderr (no traceback) and exits with:
 
 * 1: the run diverged (:class:`~clbench.engine.DivergenceError`: a NaN or infinite epoch loss); its MLflow run is
-  marked FAILED with what it logged so far. (Hydra's own errors, e.g. an unknown top-level key, exit 1 too.)
+  marked FAILED with what it logged so far. (Hydra's own errors exit 1 too.)
 * 2: a config error (:class:`~clbench.config.ConfigError`) or missing data; nothing was logged.
 * 3: a file or service the run needs cannot be used: a corrupt checkpoint (:class:`~clbench.checkpoint.
   CheckpointError`), an unusable MLflow store or a tracking server that does not answer
@@ -95,12 +95,30 @@ def _run(cfg: DictConfig) -> float:
     return result.scores["acc"]
 
 
+def _check_top_level_keys(args: list[str]) -> None:
+    """Refuse an override of a top-level key the config does not have (``seeed=1``), listing the valid ones;
+    Hydra would refuse it too, but with a multi-line note suggesting ``+seeed=1``, which clbench then refuses.
+    Keys under a section (``engine.lrr``) are checked by :func:`clbench.compose.load`."""
+    from dataclasses import fields
+
+    from clbench.config import RunConfig
+
+    valid = sorted({f.name for f in fields(RunConfig)} | {"experiment", "hydra"})
+    for arg in args:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key.split(".", 1)[0].split("@", 1)[0] not in valid:
+            _fail(f"config error: unknown config key '{key}'; valid top-level keys: {valid}", EXIT_CONFIG)
+
+
 def main() -> None:
     """Entry point of the ``clbench`` console script."""
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from clbench.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    _check_top_level_keys(sys.argv[1:])
     _run()
     if _failed:  # jobs of a sweep that failed (each printed its line)
         print(f"clbench: {len(_failed)} run(s) of the sweep failed", file=sys.stderr)

@@ -22,8 +22,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -154,14 +154,12 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, run_name: str, run_id: str | None = None,
                  tags: Mapping[str, str] | None = None, run_key: str | None = None) -> None:
-        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
-        from requests import RequestException
-        from sqlalchemy.exc import SQLAlchemyError
 
         check_store(cfg.uri, cfg.timeout)
         self.resumed = run_id is not None
         path = sqlite_path(cfg.uri)
+        self.store = f"MLflow store {path.resolve()}" if path is not None else f"MLflow store {cfg.uri}"
         try:
             with folder_lock(path.resolve().parent) if path is not None else nullcontext():
                 self.client = MlflowClient(tracking_uri=cfg.uri)
@@ -186,10 +184,20 @@ class Tracker:
             else:
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
-        except (MlflowException, SQLAlchemyError, RequestException, OSError) as e:
-            store = f"MLflow store {path.resolve()}" if path is not None else f"MLflow store {cfg.uri}"
-            raise TrackingError(f"{store} cannot be used ({_first_line(e)}); fix or move it aside, or set "
+        except _store_errors() as e:
+            raise TrackingError(f"{self.store} cannot be used ({_first_line(e)}); fix or move it aside, or set "
                                 "tracking.uri to another store") from e
+
+    @contextmanager
+    def _during_run(self) -> Iterator[None]:
+        """A store that fails once the run is under way (e.g. a server that went away, after MLflow's own retries)
+        ends the run with a :class:`TrackingError`: what was logged stays, and since metrics are logged before the
+        checkpoint that covers them, ``resume=true`` logs the rest."""
+        try:
+            yield
+        except _store_errors() as e:
+            raise TrackingError(f"{self.store} failed during run {self.run_id} ({_first_line(e)}); what it logged "
+                                "stays: once the store works again, rerun the same command with resume=true") from e
 
     def _close_orphans(self, experiment_id: str, run_key: str, keep: str | None) -> None:
         """Close as KILLED the RUNNING runs tagged ``run_key`` other than ``keep``: their processes are gone."""
@@ -208,30 +216,44 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
+        with self._during_run():
+            for i in range(0, len(items), _BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        with self._during_run():
+            for i in range(0, len(items), _BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
 
     def log_artifact(self, path: str | os.PathLike[str]) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        with self._during_run():
+            self.client.log_artifact(self.run_id, str(path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        with self._during_run():
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``); a resumed run that finishes drops the ``error``
         tag an earlier failure left."""
-        if status == "FINISHED" and self.resumed and "error" in self.client.get_run(self.run_id).data.tags:
-            self.client.delete_tag(self.run_id, "error")
-        self.client.set_terminated(self.run_id, status=status)
+        with self._during_run():
+            if status == "FINISHED" and self.resumed and "error" in self.client.get_run(self.run_id).data.tags:
+                self.client.delete_tag(self.run_id, "error")
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What MLflow's client raises when its store fails (imported late: MLflow is slow to import)."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, RequestException, OSError
 
 
 def _first_line(error: BaseException) -> str:

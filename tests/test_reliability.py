@@ -707,3 +707,50 @@ def test_cli_unwritable_store_exits_3_naming_tracking_uri(tmp_path):
     assert out.returncode == 3
     assert _one_line(out) == (f"clbench: cannot write to {blocked}/mlflow.db (Not a directory); set tracking.uri to a "
                               "writable place")
+
+
+@pytest.mark.parametrize("arg", ["seeed=1", "engin.lr=0.1"])
+def test_cli_unknown_top_level_key_exits_2_listing_the_valid_keys(monkeypatch, capsys, arg):
+    """Before the fix Hydra's multi-line note suggesting ``+seeed=1`` (which clbench then refused), exit 1."""
+    from clbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["clbench", "strategy=naive", arg])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    key = arg.split("=")[0]
+    assert capsys.readouterr().err == (f"clbench: config error: unknown config key '{key}'; valid top-level keys: "
+                                       "['benchmark', 'checkpoint_dir', 'engine', 'experiment', 'federated', "
+                                       "'hydra', 'model', 'resume', 'seed', 'strategy', 'threads', 'tracking']\n")
+
+
+def test_a_store_that_fails_mid_run_ends_it_with_one_error_and_resume_logs_the_rest(tmp_path, monkeypatch):
+    """A tracking server that goes away during task 2 (after MLflow's own retries): before the fix a traceback
+    from deep inside MLflow. Now a TrackingError that says to resume; resumed, the run ends like one never
+    interrupted, in the same MLflow run, with every epoch's loss logged."""
+    from mlflow.tracking import MlflowClient
+    from requests import ConnectionError as RequestsConnectionError
+
+    from clbench.tracking import TrackingError
+
+    cfg = run_config(tmp_path, *SMALL)
+    whole = run(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="whole")))
+    original = MlflowClient.log_batch
+
+    def gone(self, run_id, metrics=(), **kwargs):
+        if any(m.key == "loss" and m.step == 3 for m in metrics):  # task 2, epoch 2
+            raise RequestsConnectionError("Max retries exceeded: Connection refused")
+        return original(self, run_id, metrics=metrics, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_batch", gone)
+        with pytest.raises(TrackingError, match=r"MLflow store \S+ failed during run \w+ \(Max retries exceeded: "
+                                                r"Connection refused\); what it logged stays: once the store works "
+                                                r"again, rerun the same command with resume=true"):
+            run(cfg)
+    resumed = run(dataclasses.replace(cfg, resume=True))
+    assert (resumed.R == whole.R).all()
+    (r,) = _runs(tmp_path)
+    assert r.info.run_id == resumed.run_id and r.info.status == "FINISHED"
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(r.info.run_id, "loss")
+    assert sorted({h.step for h in history}) == list(range(6))
