@@ -95,12 +95,15 @@ def finish(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def timeit_rounds(
-    fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+    fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of every call of each function, timed round-robin as :func:`timeit_many` does.
 
     Entry ``i`` of every list comes from round ``i``, so ``a[i] / b[i]`` pairs calls made close in time: the
-    median of such per-round ratios is robust to load that drifts between rounds (shared machines).
+    median of such per-round ratios is robust to load that drifts between rounds (shared machines). ``clock``:
+    wall time by default; ``time.process_time`` counts this process's CPU seconds only, which other processes
+    competing for the cores change much less (they still share caches and memory bandwidth).
     """
     if repeats < 1:
         raise ValueError(f"timeit_rounds: repeats must be >= 1, got {repeats}")
@@ -111,10 +114,10 @@ def timeit_rounds(
     for _ in range(repeats):
         for name, fn in fns.items():
             synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

@@ -16,6 +16,15 @@ every task in turn (SeqLoRA) is ``strategy=naive`` with ``model.adapter=lora``.
 The adapters live in the model (:class:`clbench.models.adapters.LoraAdapters`); the penalty is the subspace core's
 :func:`clbench.subspace.row_overlap`; the optimizer of each task is built over the new adapter only (the others
 are frozen again after peft's multi-adapter activation unfreezes them, olora.md "Mapping onto peft").
+
+The frozen adapters run as one: at the end of each task (and at the start of the next, if that did not happen) the
+adapters trained so far are folded into the model's stacked adapter (``LoraAdapters.stack_adapters``: A's rows and
+B's columns concatenated, as the official code keeps its old adapters), so task t trains with two active branches
+per layer, [stack of A_1..A_{t-1}, new], instead of t. The penalty sums over rows, so it is one cross-Gram of the
+stacked rows, Σ_jk |([A_1; …; A_{t-1}] A_tᵀ)_jk| = Σ_{i<t} Σ_jk |(A_i A_tᵀ)_jk|, batched over the layers of one
+shape. The per-task adapters stay stored, inactive, frozen and untouched: the diagnostics read each of them, the
+checkpoints hold them, and :meth:`OLoRA.rebuild` re-creates the adapters and the stack as the state lists them. One
+dropout mask on the input of the stack replaces one per old adapter (the official code shares one mask too).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clbench.config import ConfigError, StrategyConfig, check
-from clbench.models.adapters import LoraAdapters
+from clbench.models.adapters import STACK, LoraAdapters
 from clbench.subspace import principal_angles, row_overlap
 from clbench.subspace.overlap import NORMS
 from strategies import register
@@ -75,7 +84,9 @@ class OLoRA(Strategy):
         super().__init__(cfg)
         self.cfg: OLoRAConfig = cfg
         self.adapters: list[str] = []
+        self.stacked: list[str] = []
         self._old: dict[str, list[torch.Tensor]] = {}
+        self._groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self._new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scores: dict[str, float] = {}
 
@@ -108,19 +119,40 @@ class OLoRA(Strategy):
             name = f"task{ctx.experience}"
             model.add_adapter(name)
             self.adapters.append(name)
-        model.use_adapters(self.adapters, trainable=self.adapters[-1:])
+        self._stack(model, self.adapters[:-1])  # already stacked at the end of the last task, normally
+        self._activate(model)
+
+    def _stack(self, model: LoraAdapters, names: list[str]) -> None:
+        """Make the model's stacked adapter hold the frozen adapters ``names`` (none: leave it)."""
+        if names and names != self.stacked:
+            model.stack_adapters(names)
+            self.stacked = list(names)
+
+    def _activate(self, model: LoraAdapters) -> None:
+        """Activate the stack and the adapters outside it; the last of those (the current task's) trains."""
+        rest = [a for a in self.adapters if a not in self.stacked]
+        model.use_adapters(([STACK] if self.stacked else []) + rest, trainable=rest[-1:])
 
     def attach(self, ctx: Context) -> None:
-        """The A's of the frozen adapters (detached) and the new pair (A_t, B_t), per wrapped layer."""
+        """The new pair (A_t, B_t) and the A's of each frozen adapter (detached; the diagnostics), per wrapped
+        layer, and the penalty's operands batched over the layers of one shape: the frozen rows stacked (as the
+        model's stack holds them; they do not change during the task) and the new A's."""
         model = self._model(ctx)
         factors = [model.lora_factors(a) for a in self.adapters]
         self._new = factors[-1]
         self._old = {layer: [f[layer][0].detach() for f in factors[:-1]] for layer in self._new}
+        groups: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for layer, (A, _) in self._new.items():
+            if self._old[layer]:
+                rows = torch.cat(self._old[layer], 0)
+                groups.setdefault((rows.shape, A.shape, A.dtype, A.device), []).append((rows, A))
+        self._groups = [(torch.stack([rows for rows, _ in g]), [A for _, A in g]) for g in groups.values()]
 
     def orthogonality(self) -> torch.Tensor:
-        """Σ_layers Σ_{i<t} ‖A_i A_tᵀ‖ (``norm``) of the current adapters."""
-        norm = self.cfg.norm
-        return torch.stack([row_overlap(self._old[layer], A, norm) for layer, (A, _) in self._new.items()]).sum()
+        """Σ_layers Σ_{i<t} ‖A_i A_tᵀ‖ (``norm``) of the current adapters: per group of layers, one batched
+        cross-Gram of the stacked frozen rows with the new A's (the same sum over the rows)."""
+        terms = [row_overlap([rows], torch.stack(new), self.cfg.norm) for rows, new in self._groups]
+        return sum(terms[1:], terms[0]) if terms else torch.zeros(())  # none: the first task
 
     def penalty(self, ctx: Context, batch: Any) -> torch.Tensor | None:
         t = ctx.experience
@@ -130,13 +162,19 @@ class OLoRA(Strategy):
             terms.append(l1 * self.orthogonality())
         if l2 > 0:
             terms.append(l2 * torch.stack([A.norm() + B.norm() for A, B in self._new.values()]).sum())
-        return torch.stack(terms).sum() if terms else None
+        return sum(terms[1:], terms[0]) if terms else None
 
     @torch.no_grad()
     def after_experience(self, ctx: Context) -> None:
         """Diagnostics of the task's adapter: its orthogonality term, its norms and the principal angles between
-        its A's row space and each earlier adapter's (degrees; min and mean over the wrapped layers)."""
-        t = ctx.experience
+        its A's row space and each earlier adapter's (degrees; min and mean over the wrapped layers). Then the
+        task's adapter joins the stack (the function is unchanged, to rounding), and the stack alone is active."""
+        self._diagnose(ctx.experience)
+        model = self._model(ctx)
+        self._stack(model, self.adapters)
+        self._activate(model)
+
+    def _diagnose(self, t: int) -> None:
         self._scores = {"olora_orth": float(self.orthogonality()) if t > 0 else 0.0,
                         "adapter_norm_A": float(sum(A.norm() for A, _ in self._new.values())),
                         "adapter_norm_B": float(sum(B.norm() for _, B in self._new.values()))}
@@ -150,19 +188,22 @@ class OLoRA(Strategy):
         return dict(self._scores)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adapters": list(self.adapters), "scores": dict(self._scores)}
+        return {"adapters": list(self.adapters), "stacked": list(self.stacked), "scores": dict(self._scores)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._saved = list(state["adapters"])
+        self._saved_stacked = list(state.get("stacked", []))  # none in checkpoints from before the stack
         self._scores = dict(state["scores"])
 
     def rebuild(self, ctx: Context) -> None:
-        """Re-create the adapters the run had added (their weights load next) and activate them as it had."""
+        """Re-create the adapters the run had added and its stack (their weights load next), and activate them as
+        it had."""
         model = self._model(ctx)
         for name in self._saved[len(self.adapters):]:
             model.add_adapter(name)
         self.adapters = list(self._saved)
-        model.use_adapters(self.adapters, trainable=self.adapters[-1:])
+        self._stack(model, self._saved_stacked)
+        self._activate(model)
 
 
 @dataclass

@@ -14,8 +14,9 @@ from torch import nn
 from clbench.config import ConfigError
 from clbench.context import Context
 from clbench.experiment import run
-from clbench.models.adapters import LoraAdapters
+from clbench.models.adapters import STACK, LoraAdapters
 from clbench.streams.text import TextSample
+from clbench.subspace import row_overlap
 from strategies import build_strategy, strategy_config
 
 peft = pytest.importorskip("peft")
@@ -74,13 +75,18 @@ def test_one_adapter_per_task_the_old_ones_frozen_untouched_and_without_gradient
                for a in model.adapter_names()[:-1]}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all(f".{model.adapter_names()[-1]}." in n for n in trainable)
+        assert model.stacked_adapters() == model.adapter_names()[:-1]  # the frozen ones run as one stack
         model.zero_grad(set_to_none=True)
         _train(strategy, ctx, batch)
+        strategy.detach(ctx)
+        strategy.after_experience(ctx)  # the task's adapter joins the stack
+        assert model.stacked_adapters() == model.adapter_names()
         for a, layers in old.items():
             for k, (A, B) in model.lora_factors(a).items():
                 assert torch.equal(A, layers[k][0]) and torch.equal(B, layers[k][1])
                 assert A.grad is None and B.grad is None
-        strategy.detach(ctx)
+        for A, B in model.lora_factors(STACK).values():
+            assert not A.requires_grad and not B.requires_grad and A.grad is None and B.grad is None
 
 
 def test_the_orthogonality_gradient_reaches_only_the_new_A():
@@ -98,20 +104,31 @@ def test_the_orthogonality_gradient_reaches_only_the_new_A():
 
 
 def test_a_new_adapter_leaves_the_function_unchanged():
+    """Exactly, as the loop runs it (the trained adapter joins the stack at the end of its task, then the new one
+    is added); folding the trained adapter into the stack changes the function only by rounding."""
     model = _lm().eval()
     ctx = _ctx(model)
     strategy = build_strategy(strategy_config("olora"))
     strategy.setup(ctx)
     batch = _batch(model)
-    _begin(strategy, ctx, 0)
-    _train(strategy, ctx, batch)
-    model.eval()
-    with torch.no_grad():
-        before = model.outputs(batch)
-    _begin(strategy, ctx, 1)
-    with torch.no_grad():
-        after = model.outputs(batch)
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for t in range(3):
+        if t > 0:
+            with torch.no_grad():
+                before = model.outputs(batch)
+        _begin(strategy, ctx, t)
+        if t > 0:
+            with torch.no_grad():
+                after = model.outputs(batch)
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+        _train(strategy, ctx, batch)
+        model.eval()
+        with torch.no_grad():
+            trained = model.outputs(batch)
+        strategy.detach(ctx)
+        strategy.after_experience(ctx)
+        with torch.no_grad():
+            folded = model.outputs(batch)
+        torch.testing.assert_close(folded, trained, rtol=0, atol=1e-5)
 
 
 def test_the_penalty_is_the_explicit_sum_zero_for_orthogonal_rows_and_absent_where_it_should_be():
@@ -123,20 +140,21 @@ def test_the_penalty_is_the_explicit_sum_zero_for_orthogonal_rows_and_absent_whe
     _begin(strategy, ctx, 1)
     _begin(strategy, ctx, 2)
     explicit = 0.0
-    for layer, (A_t, _) in model.lora_factors("task2").items():
+    for layer, (A_new, _) in model.lora_factors("task2").items():
+        A_t = A_new.detach()
         for old in ("default", "task1"):
             A_i = model.lora_factors(old)[layer][0]
             for j in range(A_i.shape[0]):
                 for k in range(A_t.shape[0]):
                     explicit += abs(float(sum(A_i[j, m] * A_t[k, m] for m in range(A_t.shape[1]))))
-    assert float(strategy.penalty(ctx, None)) == pytest.approx(0.7 * explicit, rel=1e-5)
+    assert float(strategy.penalty(ctx, None).detach()) == pytest.approx(0.7 * explicit, rel=1e-5)
     squared = build_strategy(strategy_config("olora", lambda1=1.0, norm="squared"))
     squared.setup(ctx)
     squared.adapters = strategy.adapters
     squared.attach(ctx)
-    expected = sum(float(((model.lora_factors(o)[layer][0] @ A_t.T) ** 2).sum())
+    expected = sum(float(((model.lora_factors(o)[layer][0] @ A_t.detach().T) ** 2).sum())
                    for layer, (A_t, _) in model.lora_factors("task2").items() for o in ("default", "task1"))
-    assert float(squared.penalty(ctx, None)) == pytest.approx(expected, rel=1e-5)
+    assert float(squared.penalty(ctx, None).detach()) == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():  # rows built orthogonal (QR): the penalty vanishes
         for layer in model.lora_factors("task2"):
             blocks = [model.lora_factors(a)[layer][0] for a in ("default", "task1", "task2")]
@@ -144,7 +162,9 @@ def test_the_penalty_is_the_explicit_sum_zero_for_orthogonal_rows_and_absent_whe
             Q, _ = torch.linalg.qr(torch.randn(d, 3 * r, generator=gen(1)))
             for i, block in enumerate(blocks):
                 block.copy_(Q[:, i * r:(i + 1) * r].T)
-    assert float(strategy.penalty(ctx, None)) < 1e-5
+    model.stack_adapters(["default", "task1"])  # the stack and the penalty's rows are copies: taken again
+    strategy.attach(ctx)
+    assert float(strategy.penalty(ctx, None).detach()) < 1e-5
     inc = build_strategy(strategy_config("inclora"))
     inc.setup(ctx)
     inc.adapters = strategy.adapters
@@ -159,10 +179,9 @@ def test_the_merged_adapter_reproduces_the_summed_forward_pass():
     strategy.setup(ctx)
     for t in range(3):
         _begin(strategy, ctx, t)
-    with torch.no_grad():
-        for a in model.adapter_names():
-            for _, B in model.lora_factors(a).values():
-                B.copy_(torch.randn(B.shape, generator=gen(len(a))) * 0.1)
+        with torch.no_grad():  # as training would: the current adapter's B moves away from 0
+            for _, B in model.lora_factors(model.adapter_names()[-1]).values():
+                B.copy_(torch.randn(B.shape, generator=gen(t)) * 0.1)
     batch = _batch(model)
     with torch.no_grad():
         summed = model.outputs(batch)
@@ -171,6 +190,114 @@ def test_the_merged_adapter_reproduces_the_summed_forward_pass():
         model.use_adapters(["merged"])
         merged = model.outputs(batch)
     torch.testing.assert_close(merged, summed, rtol=1e-5, atol=1e-5)
+
+
+def _per_adapter_penalty(model, old, new, norm):
+    return sum(float(row_overlap([model.lora_factors(o)[layer][0] for o in old], A_t.detach(), norm))
+               for layer, (A_t, _) in model.lora_factors(new).items())
+
+
+def test_the_stack_is_the_frozen_adapters_in_cat_form_same_forward_same_penalty():
+    """The frozen adapters of task 3 run as one stacked adapter: its A is their A's rows and its B their B's columns
+    (bit for bit, the scaling α/r unchanged), its forward pass the per-adapter summed one to 1e-6, and the penalty
+    over its rows the sum over the adapters (both norms); the per-task adapters stay stored and inactive."""
+    model = _lm().eval()
+    ctx = _ctx(model)
+    strategy = build_strategy(strategy_config("olora", lambda1=1.0))
+    strategy.setup(ctx)
+    for t in range(3):
+        _begin(strategy, ctx, t)
+        with torch.no_grad():
+            for _, B in model.lora_factors(model.adapter_names()[-1]).values():
+                B.copy_(torch.randn(B.shape, generator=gen(10 + t)) * 0.1)
+        strategy.detach(ctx)
+        if t < 2:
+            strategy.after_experience(ctx)
+    assert model.adapter_names() == ["default", "task1", "task2"] and model.stacked_adapters() == ["default", "task1"]
+    assert strategy.state_dict()["stacked"] == ["default", "task1"]
+    old = [model.lora_factors(a) for a in ("default", "task1")]
+    for layer, (A, B) in model.lora_factors(STACK).items():
+        assert torch.equal(A, torch.cat([f[layer][0] for f in old], 0))
+        assert torch.equal(B, torch.cat([f[layer][1] for f in old], 1))
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert layers and all(m.scaling[STACK] == m.scaling["default"] == 4.0 and m.r[STACK] == 16 for m in layers)
+    assert all(m.active_adapters == [STACK, "task2"] for m in layers)
+    batch = _batch(model)
+    with torch.no_grad():
+        stacked = model.outputs(batch)
+        model.use_adapters(["default", "task1", "task2"], trainable=["task2"])
+        summed = model.outputs(batch)
+        model.use_adapters(["task2"])
+        without = model.outputs(batch)
+        model.use_adapters([STACK, "task2"], trainable=["task2"])
+    assert float((summed - without).abs().max()) > 1e-2  # the old adapters matter: the comparison is not vacuous
+    torch.testing.assert_close(stacked, summed, rtol=0, atol=1e-6)
+    strategy.attach(ctx)
+    for norm in ("l1", "squared"):
+        strategy.cfg.norm = norm
+        expected = _per_adapter_penalty(model, ["default", "task1"], "task2", norm)
+        assert float(strategy.penalty(ctx, None).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_stacking_adapters_of_other_ranks_and_scalings_keeps_the_sum():
+    """The stack of adapters with their own r and α folds each s_i = α_i/r_i into its B block (s_i/s), so
+    s·B_stack A_stack x = Σ_i s_i B_i A_i x."""
+    model = _Toy()
+    model.lm.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=12, lora_dropout=0.0, target_modules=["proj"]))
+    with torch.no_grad():
+        for a in ("default", "other"):
+            for _, B in model.lora_factors(a).values():
+                B.copy_(torch.randn(B.shape, generator=gen(len(a))))
+    x = torch.randn(5, 64, generator=gen(3))
+    model.use_adapters(["default", "other"])
+    with torch.no_grad():
+        summed = model.lm(x)
+    model.stack_adapters(["default", "other"])
+    model.use_adapters([STACK])
+    with torch.no_grad():
+        stacked = model.lm(x)
+    torch.testing.assert_close(stacked, summed, rtol=0, atol=1e-5)
+    assert model.lora_factors(STACK)["lm.base_model.model.proj"][0].shape == (11, 64)
+    with pytest.raises(ValueError, match="nope"):
+        model.stack_adapters(["default", "nope"])
+    with pytest.raises(ValueError, match=STACK):
+        model.add_adapter(STACK)
+
+
+@pytest.mark.parametrize("boundary", [True, False])
+def test_rebuild_recreates_the_adapters_and_the_stack_so_the_weights_load(boundary):
+    """What a resumed run does (load_state_dict, rebuild, then the model's weights, strictly), at the end of task 2
+    (everything stacked) and inside task 3 (two adapters stacked, the third training): the same modules, the same
+    active and trainable adapters, the same outputs."""
+    model = _lm().eval()
+    ctx = _ctx(model)
+    strategy = build_strategy(strategy_config("olora"))
+    strategy.setup(ctx)
+    batch = _batch(model)
+    for t in range(2 if boundary else 3):
+        _begin(strategy, ctx, t)
+        with torch.no_grad():
+            for _, B in model.lora_factors(model.adapter_names()[-1]).values():
+                B.copy_(torch.randn(B.shape, generator=gen(20 + t)) * 0.1)
+        strategy.detach(ctx)
+        if boundary or t < 2:
+            strategy.after_experience(ctx)
+    with torch.no_grad():
+        expected = model.outputs(batch)
+    fresh = _lm().eval()
+    again = build_strategy(strategy_config("olora"))
+    again.setup(_ctx(fresh))
+    again.load_state_dict(strategy.state_dict())
+    again.rebuild(_ctx(fresh))
+    fresh.load_state_dict(model.state_dict())  # strict: the same parameters, the stack's included
+    assert fresh.adapter_names() == model.adapter_names() and fresh.stacked_adapters() == model.stacked_adapters()
+    layers = [(m, n) for (_, m), (_, n) in zip(model.named_modules(), fresh.named_modules(), strict=True)
+              if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert layers and all(m.active_adapters == n.active_adapters for m, n in layers)
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == \
+        {k for k, p in fresh.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.outputs(batch), expected, rtol=0, atol=0)
 
 
 def test_evaluation_takes_text_only():
@@ -251,10 +378,9 @@ def test_bad_olora_input_is_refused_before_training(tmp_path, overrides, pattern
         run(run_config(tmp_path, "strategy=olora", *FAST, *overrides))
 
 
-def test_olora_resumes_inside_task_2_with_its_adapters(tmp_path, monkeypatch):
-    cfg = run_config(tmp_path, "strategy=olora", *FAST, "benchmark.n_tasks=2", "engine.epochs=2",
-                     "strategy.lambda2=0.01")
-    whole, resumed = killed_and_resumed(cfg, monkeypatch)
+def test_olora_resumes_inside_task_3_with_its_adapters_and_their_stack(tmp_path, monkeypatch):
+    cfg = run_config(tmp_path, "strategy=olora", *FAST, "engine.epochs=2", "strategy.lambda2=0.01")
+    whole, resumed = killed_and_resumed(cfg, monkeypatch, task=2)
     torch.testing.assert_close(torch.tensor(resumed.R), torch.tensor(whole.R), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(resumed.others["loss"]), torch.tensor(whole.others["loss"]),
                                atol=1e-6, rtol=0)

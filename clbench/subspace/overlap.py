@@ -19,20 +19,23 @@ NORMS = ("l1", "squared")
 
 def row_overlap(old: Sequence[Tensor], rows: Tensor, norm: str = "l1") -> Tensor:
     """Σ_i ‖A_i · rowsᵀ‖ over the blocks ``old`` (each r_i × d) against ``rows`` (r × d): the entrywise L1 norm
-    (``l1``) or the squared Frobenius norm (``squared``); 0 (with a graph to ``rows``) when ``old`` is empty.
+    (``l1``) or the squared Frobenius norm (``squared``); 0 (with a graph to ``rows``) when ``old`` is empty. Both
+    norms sum over the rows of the blocks, so one block stacking the A_i's (dim 0) gives the same sum as the list.
+    Leading dimensions batch: blocks (L × r_i × d) against ``rows`` (L × r × d) sum over the L pairs.
 
     Raises:
         ValueError: an unknown ``norm``, or blocks of another width d.
     """
     if norm not in NORMS:
         raise ValueError(f"row_overlap: norm {norm!r} is not one of {list(NORMS)}")
-    total = rows.sum() * 0.0
+    total = None
     for block in old:
         if block.shape[-1] != rows.shape[-1]:
             raise ValueError(f"row_overlap: blocks of width {block.shape[-1]} and {rows.shape[-1]}")
-        cross = block.to(rows.dtype) @ rows.T
-        total = total + (cross.abs().sum() if norm == "l1" else cross.square().sum())
-    return total
+        cross = block.to(rows.dtype) @ rows.transpose(-2, -1)
+        term = cross.abs().sum() if norm == "l1" else cross.square().sum()
+        total = term if total is None else total + term
+    return rows.sum() * 0.0 if total is None else total
 
 
 __all__ = ["NORMS", "row_overlap"]
