@@ -30,6 +30,10 @@ then splits every batch by task label and calls ``forward_single_task``; LwF dis
 single-head one in a plain module called as ``model(x)``, as Avalanche calls any model without task labels.
 
 Avalanche is imported inside functions only: importing it costs ~10 s, and config checks need none of it.
+
+Avalanche trains with cross-entropy on a classifier's logits, so these refuse any other model; the language models'
+versions of EWC, LwF and replay, which go through the model's own loss, are ``ewc_lm``, ``lwf_lm`` and
+``replay_lm`` (``strategies/ewc_lm.py``, ``lwf_lm.py``, ``replay_lm.py``), named in the refusal.
 """
 
 from __future__ import annotations
@@ -367,6 +371,8 @@ class AvalancheStrategy(Strategy):
     cfg: AvalancheConfig
     plugin_class: ClassVar[str | None] = None
     """Name of the method's plugin class in ``avalanche.training.plugins`` (None: no plugin state)."""
+    lm_variant: ClassVar[str | None] = None
+    """The strategy that runs the same method through the model's own loss, on language models too (None: none)."""
 
     def __init__(self, cfg: AvalancheConfig) -> None:
         super().__init__(cfg)
@@ -403,8 +409,11 @@ class AvalancheStrategy(Strategy):
         from clbench.models.base import Classifier
 
         if not isinstance(ctx.module, Classifier):
+            hint = (f"strategy={self.lm_variant} runs {self.name} through the model's own loss" if self.lm_variant
+                    else "strategy=ewc_lm, lwf_lm and replay_lm run EWC, LwF and replay through the model's own loss")
             raise ConfigError(f"model {type(ctx.module).__name__} is not a classifier (model.name); Avalanche's "
-                              "baselines train with cross-entropy on a Classifier's logits")
+                              f"baselines train with cross-entropy on a Classifier's logits; for a language model, "
+                              f"{hint}")
         if type(ctx.fabric.strategy.precision) is not Precision or ctx.fabric.world_size != 1:
             raise ConfigError("bad value for 'engine.precision' / 'engine.devices': Avalanche's loop trains in full "
                               "precision on one device; valid: engine.precision=32-true, engine.devices=1")
@@ -517,6 +526,7 @@ class EWC(AvalancheStrategy):
     config_class = EWCConfig
     cfg: EWCConfig
     plugin_class = "EWCPlugin"
+    lm_variant = "ewc_lm"
 
     def make(self, training: Any, common: dict[str, Any], ctx: Context) -> Any:
         c = self.cfg
@@ -591,6 +601,7 @@ class LwF(AvalancheStrategy):
     config_class = LwFConfig
     cfg: LwFConfig
     plugin_class = "LwFPlugin"
+    lm_variant = "lwf_lm"
 
     def make(self, training: Any, common: dict[str, Any], ctx: Context) -> Any:
         return training.LwF(alpha=self.cfg.alpha, temperature=self.cfg.temperature, **common)
@@ -688,6 +699,7 @@ class ER(AvalancheStrategy):
     config_class = ERConfig
     cfg: ERConfig
     plugin_class = "ReplayPlugin"
+    lm_variant = "replay_lm"
 
     def make(self, training: Any, common: dict[str, Any], ctx: Context) -> Any:
         from avalanche.training.plugins import ReplayPlugin

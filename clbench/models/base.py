@@ -69,6 +69,13 @@ class ContinualModel(nn.Module):
         their hooks."""
         raise NotImplementedError
 
+    def target_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits at the positions the model is trained to predict, one row per position (m × classes): what a
+        distillation compares between two versions of the model (``lwf_lm``). Default: :meth:`outputs` with its
+        leading dimensions flattened (a classifier: one row per sample)."""
+        out = self.outputs(batch)
+        return out.reshape(-1, out.shape[-1])
+
     def protected_layers(self) -> dict[str, nn.Module]:
         """Layers whose weight gradients projection strategies may constrain, by qualified name."""
         raise NotImplementedError
