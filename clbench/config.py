@@ -76,6 +76,11 @@ class ModelConfig:
     def validate(self) -> None:
         """Range checks of the model family's own keys; raise :class:`ConfigError` naming ``model.<key>``."""
 
+    def missing_files(self) -> str | None:
+        """What the model needs from disk and does not find there (weights that were never downloaded), in one
+        sentence, or None; a cheap check, without loading anything. A run whose data is missing too names both."""
+        return None
+
 
 @dataclass
 class EngineConfig:

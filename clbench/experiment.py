@@ -112,6 +112,12 @@ def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
     seed_everything(cfg.seed)
     try:
         stream = build_stream(cfg.benchmark, cfg.seed)
+    except FileNotFoundError as e:  # the data; name the model's missing weights too, so one attempt shows both
+        also = cfg.model.missing_files()
+        if also is None:
+            raise
+        raise FileNotFoundError(f"{e} Also missing: {also}") from e
+    try:
         module = build_model(cfg.model, stream.spec)
         fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
                         precision=cfg.engine.precision)  # type: ignore[arg-type]

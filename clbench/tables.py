@@ -177,29 +177,53 @@ def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[st
     return out
 
 
+def _published(p: dict[str, Any] | None) -> str:
+    """A published cell: ACC / BWT (ACC alone where the paper gives no BWT) and its source mark."""
+    if p is None:
+        return "–"
+    acc = _fmt(p["acc"], p["acc_std"])
+    return (acc if p["bwt"] is None else f"{acc} / {_fmt(p['bwt'], p['bwt_std'])}") + f" [{p['source']}]"
+
+
+def _reproduced_columns(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
+    """Column key → title of its clbench column: every stand-in column, and a real-data column (one with
+    overrides but no stand-in, e.g. a paper's experiment config) once it has runs."""
+    out = {}
+    for c in spec["columns"]:
+        if c["stand_in"]:
+            out[c["key"]] = f"{c['title']}: clbench, stand-in"
+        elif c["overrides"] is not None and any(agg[(m["key"], c["key"])]["n"] for m in spec["methods"]):
+            out[c["key"]] = f"{c['title']}: clbench"
+    return out
+
+
 def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> str:
     cols = spec["columns"]
+    mine = _reproduced_columns(spec, agg)
     head = ["Method"]
     for c in cols:
         head.append(f"{c['title']}: published")
-        if c["stand_in"]:
-            head.append(f"{c['title']}: clbench, stand-in")
+        if c["key"] in mine:
+            head.append(mine[c["key"]])
     lines = [f"# {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in spec["methods"]:
         row = [m["label"]]
         for c in cols:
             e = agg[(m["key"], c["key"])]
-            p = e["published"]
-            row.append("–" if p is None else f"{_fmt(p['acc'], p['acc_std'])} / {_fmt(p['bwt'], p['bwt_std'])}"
-                       f" [{p['source']}]")
-            if c["stand_in"]:
+            row.append(_published(e["published"]))
+            if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
                 row.append(f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})" if e["n"] else
                            "not run yet" if planned else "–")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Cells: ACC / BWT in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
     lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
-    lines += [f"- {c['title']}: no offline stand-in run yet" for c in cols if not c["stand_in"]]
+    lines += [f"- {c['title']}: no offline stand-in run yet" for c in cols
+              if not c["stand_in"] and c["overrides"] is None and not c.get("derived")]
+    real = [c["title"] for c in cols if not c["stand_in"] and c["overrides"] is not None]
+    if real:
+        lines += [f"- {', '.join(real)}: the paper's setting (each cell's command in results/manifest.yaml); it "
+                  "needs the data and the model, which cannot be downloaded here"]
     lines += ["", "Sources:"] + [f"- [{k}] {v}" for k, v in spec["sources"].items()]
     if spec.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in spec["notes"]]
@@ -221,7 +245,8 @@ def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]])
                             p["source"]])
             if e["n"]:
                 w.writerow([m["key"], c["key"], "reproduced", f"{e['acc'][0]:.4f}", f"{e['acc'][1]:.4f}",
-                            f"{e['bwt'][0]:.4f}", f"{e['bwt'][1]:.4f}", e["n"], c["stand_in"].split(":")[0]])
+                            f"{e['bwt'][0]:.4f}", f"{e['bwt'][1]:.4f}", e["n"],
+                            c["stand_in"].split(":")[0] if c["stand_in"] else "clbench"])
     return buf.getvalue()
 
 

@@ -299,6 +299,30 @@ def test_truncation_refuse_names_count_and_limit(name: str) -> None:
         model.collate(SAMPLES)
 
 
+def test_seq2seq_max_answer_length_splits_the_budget_into_encoder_and_decoder() -> None:
+    """O-LoRA's T5 setting (max source 512 / target 50): the encoder gets max_length tokens whatever the answer's
+    length, the decoder at most max_answer_length (answer cut at its end, end token kept), both counted."""
+    model = _build("seq2seq_lm", max_length=12, max_answer_length=3)
+    long_answer = Sample("a question of several words here", "one two three four", 0)
+    batch = model.collate([*SAMPLES, long_answer])
+    tok = model.tokenizer
+    assert int(batch["attention_mask"].sum(1).max()) == 12  # the encoder alone, answers not counted
+    labels = batch["labels"][-1]
+    assert labels[labels != IGNORE].tolist() == [*_ids(tok, "one two"), model.end_id]
+    assert model.collate_notes["truncated_answers"] == 1
+    joint = _build("seq2seq_lm", max_length=12)  # null: encoder + decoder share the 12 tokens
+    assert int(joint.collate([long_answer])["attention_mask"].sum()) < 12
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"name": "causal_lm", "max_answer_length": 50}, "it splits a seq2seq model's budget"),
+    ({"name": "seq2seq_lm", "max_answer_length": 1}, "must be >= 2"),
+])
+def test_bad_max_answer_length_is_refused_naming_the_key(kw, message) -> None:
+    with pytest.raises(ConfigError, match=rf"model\.max_answer_length.*{message}"):
+        LMConfig(**kw).validate()
+
+
 def test_answer_without_room_for_the_prompt_is_refused() -> None:
     model = _build("causal_lm", max_length=4)
     with pytest.raises(ValueError, match="no room for a prompt"):
@@ -359,3 +383,24 @@ def test_smollm2_loads_generates_and_trains(capsys: pytest.CaptureFixture) -> No
     with capsys.disabled():
         print(f"\nSmolLM2-135M LoRA step, batch 8 x 64 tokens, {torch.get_num_threads()} thread(s): "
               f"{min(times[1:]):.2f} s")
+
+
+@pytest.mark.parametrize("order", [1, 6])
+def test_the_papers_setting_without_data_or_model_names_both_at_once(tmp_path, monkeypatch, order) -> None:
+    """experiment=olora_t5_order<k> on a machine with neither CL_Benchmark nor t5-large: one error naming the
+    missing data files and the model, before anything is loaded or logged."""
+    from helpers import run_config
+
+    from clbench.experiment import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_loading, "_download_blocker", lambda download: "HF_HUB_OFFLINE is set")
+    cfg = run_config(tmp_path, f"experiment=olora_t5_order{order}", f"benchmark.data_root={tmp_path}/data")
+    assert (cfg.model.max_length, cfg.model.max_answer_length, cfg.engine.batch_size) == (512, 50, 64)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        run(cfg)
+    message = str(info.value)
+    assert f"{tmp_path}/data/CL_Benchmark/instruction_config.json" in message
+    assert "Also missing: model 'google-t5/t5-large' is not on disk and HF_HUB_OFFLINE is set" in message
+    assert time.perf_counter() - start < 10 and not (tmp_path / "mlflow.db").exists()

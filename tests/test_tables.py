@@ -91,3 +91,32 @@ def test_committed_table_is_regenerated_exactly_from_the_committed_runs(tmp_path
     ours = yaml.safe_load((tmp_path / "manifest.yaml").read_text())
     committed = yaml.safe_load((RESULTS / "manifest.yaml").read_text())
     assert ours[name] == committed[name]
+
+
+def test_the_olora_table_lists_the_papers_cells_and_runs_its_setting_per_order(tmp_path):
+    """O-LoRA's table: AA only (no BWT published), source marks per cell, the paper's setting as each order
+    column's command (order 6 with the code's λ schedule), a clbench column for an order only once it has runs."""
+    spec = tables.load_spec("olora") | {"name": "olora"}
+    cells = {(c.method, c.column): c for c in tables.cells(spec)}
+    assert {c for _, c in cells} == {"o1", "o2", "o3", "o4", "o5", "o6"}
+    assert ("l2p", "o1") not in cells and ("olora", "std_avg") not in cells  # published only
+    o6 = cells[("olora", "o6")].command([0])
+    assert o6.startswith("clbench -m experiment=olora_t5_order6 strategy=olora 'strategy.lambda1=[0,0.5,")
+    cfg = tables.compose(list(cells[("olora", "o6")].overrides))[0]
+    assert (cfg.benchmark.name, cfg.benchmark.order, cfg.benchmark.n_tasks) == ("olora_long", 6, 15)
+    assert (cfg.model.pretrained, cfg.engine.batch_size, cfg.engine.lr) == ("google-t5/t5-large", 64, 1e-3)
+    assert len(cfg.strategy.lambda1) == 15 and cfg.strategy.lambda2[6] == 0.3  # RTE: 0.3 in long.sh
+    seqft = tables.compose(list(cells[("seqft", "o2")].overrides))[0]
+    assert (seqft.strategy.name, seqft.model.adapter, seqft.benchmark.order) == ("naive", "none", 2)
+
+    tables.write_tables(spec, [], tmp_path)
+    md = (tmp_path / "olora_table.md").read_text()
+    assert "| O-LoRA | 75.40 [P] | 75.70 [P] | 76.30 [P] | 75.80 [P] | 72.30 [PR] | 64.80 [PR] | 71.60 [PR] | " \
+           "69.60 [P*] |" in md
+    assert "| L2P (not in clbench) | – | – | – | 60.70 [P*] |" in md and ": clbench" not in md
+    run = {"column": "o1", "method": "olora", "seed": 0, "config_key": cells[("olora", "o1")].config_key,
+           "run_id": "r", "acc": 74.0, "bwt": -1.0, "fwt": 0.0, "forgetting": 1.0}
+    tables.write_tables(spec, [run], tmp_path)
+    md = (tmp_path / "olora_table.md").read_text()
+    assert "Order 1: published | Order 1: clbench | Order 2: published" in md
+    assert "| O-LoRA | 75.40 [P] | 74.00 ± 0.00 / -1.00 ± 0.00 (n=1) | 75.70 [P] |" in md

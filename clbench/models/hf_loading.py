@@ -128,6 +128,22 @@ def _missing(what: str, name: str, why: str) -> FileNotFoundError:
         "model.pretrained (or model.tokenizer) to that folder's path")
 
 
+def missing_from_disk(name: str, download: bool) -> str | None:
+    """Why the model ``name`` (a folder or a Hub id; not a built-in) cannot be loaded now without a download, or
+    None: a folder that does not exist, or a Hub id whose ``config.json`` is not in the cache and may not be
+    downloaded. Nothing is loaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).expanduser().is_dir():
+        return None
+    if _looks_like_path(name):
+        return f"model folder '{name}' does not exist"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    blocker = _download_blocker(download)
+    return None if blocker is None else str(_missing("model", name, blocker))
+
+
 def _from_disk(loader: Any, what: str, name: str, download: bool, **kwargs: Any) -> Any:
     """``loader.from_pretrained(name)`` from a local folder, or from the Hub cache; it downloads only when
     ``download`` is true, ``HF_HUB_OFFLINE`` is not set and the Hub can be reached.

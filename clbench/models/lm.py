@@ -42,6 +42,7 @@ from clbench.models.hf_loading import (
     end_token_id,
     load_model,
     load_tokenizer,
+    missing_from_disk,
 )
 
 if TYPE_CHECKING:  # peft and transformers are imported where they are used: they cost seconds, configs need none
@@ -80,7 +81,11 @@ class LMConfig(ModelConfig):
         lora_dropout: dropout on the LoRA input, in [0, 1).
         lora_targets: short names of the Linear modules LoRA wraps (``[q_proj, v_proj]``); null: peft's default
             for the architecture (q/v attention projections).
-        max_length: most tokens of prompt + answer, special tokens included (for seq2seq: encoder + decoder).
+        max_length: most tokens of prompt + answer, special tokens included (for seq2seq: encoder + decoder,
+            or the encoder alone when ``max_answer_length`` is set).
+        max_answer_length: seq2seq only: most decoder tokens (answer + end token); longer answers are cut at
+            their end (counted), and ``max_length`` then bounds the encoder alone, as O-LoRA's code does with its
+            max source / target lengths 512 / 50. null: ``max_length`` bounds encoder + decoder together.
         max_new_tokens: greedy decoding limit when scoring (olora.md: 50).
         truncation: ``left``: a longer sample loses the start of its prompt (counted); ``refuse``: raise.
         download: allow downloading ``pretrained`` / ``tokenizer`` from the Hugging Face Hub when not cached
@@ -96,6 +101,7 @@ class LMConfig(ModelConfig):
     lora_dropout: float = 0.1
     lora_targets: list[str] | None = None
     max_length: int = 512
+    max_answer_length: int | None = None
     max_new_tokens: int = 50
     truncation: str = "left"
     download: bool = False
@@ -119,8 +125,19 @@ class LMConfig(ModelConfig):
                "lora_targets", f"{self.lora_targets}; give module names such as [q_proj, v_proj], or null (peft's "
                "default for the architecture)")
         _check(self.max_length >= 2, "max_length", f"{self.max_length}; must be >= 2")
+        _check(self.max_answer_length is None or self.name == SEQ2SEQ, "max_answer_length",
+               f"{self.max_answer_length}; it splits a seq2seq model's budget (model=seq2seq_lm): set null for a "
+               "causal model, whose max_length bounds prompt + answer")
+        _check(self.max_answer_length is None or self.max_answer_length >= 2, "max_answer_length",
+               f"{self.max_answer_length}; must be >= 2 (an answer token and the end token) or null")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"{self.max_new_tokens}; must be >= 1")
         _check(self.truncation in TRUNCATIONS, "truncation", f"'{self.truncation}' is not one of {list(TRUNCATIONS)}")
+
+    def missing_files(self) -> str | None:
+        """A Hugging Face model (not a built-in) that is neither a folder nor in the Hub cache, when it may not
+        be downloaded now (:func:`clbench.models.hf_loading.missing_from_disk`)."""
+        name = self.model_id()
+        return None if name in BUILTIN_FAMILY else missing_from_disk(name, self.download)
 
     def model_id(self) -> str:
         """``pretrained``, or the family's tiny stand-in when it is null."""
@@ -222,7 +239,8 @@ class LanguageModel(LoraAdapters, ContinualModel):
         self.max_new_tokens = cfg.max_new_tokens
         self.refuse_long = cfg.truncation == "refuse"
         self.truncated = 0
-        self.collate_notes = {"truncated_samples": 0}
+        self.max_answer = cfg.max_answer_length
+        self.collate_notes = {"truncated_samples": 0, "truncated_answers": 0}
         self.end_id = end_token_id(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
         self.prefix, self.suffix = special_affixes(tokenizer)
@@ -272,8 +290,18 @@ class LanguageModel(LoraAdapters, ContinualModel):
         """Prompt and answer token ids (no special tokens), prompts cut on the left to fit ``max_length``."""
         prompts = self.tokenizer([s.prompt for s in samples], add_special_tokens=False).input_ids
         answers = self.tokenizer([s.answer for s in samples], add_special_tokens=False).input_ids
-        fixed = len(self.prefix) + 1 + (len(self.suffix) if self.seq2seq else 0)
-        budgets = [self.max_length - fixed - len(a) for a in answers]
+        if self.max_answer is not None:  # seq2seq with separate encoder / decoder budgets
+            cut = sum(len(a) > self.max_answer - 1 for a in answers)
+            self.collate_notes["truncated_answers"] += cut
+            if cut:
+                log.warning("%d of %d answers exceed model.max_answer_length=%d tokens; they lose their end", cut,
+                            len(answers), self.max_answer)
+            answers = [a[: self.max_answer - 1] for a in answers]
+            fixed = len(self.prefix) + len(self.suffix)
+            budgets = [self.max_length - fixed] * len(answers)
+        else:
+            fixed = len(self.prefix) + 1 + (len(self.suffix) if self.seq2seq else 0)
+            budgets = [self.max_length - fixed - len(a) for a in answers]
         no_room = [i for i, b in enumerate(budgets) if b < 1]
         if no_room:
             i = no_room[0]
@@ -329,6 +357,14 @@ class LanguageModel(LoraAdapters, ContinualModel):
         width = _width(batch["attention_mask"])
         return self.lm(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width],
                        use_cache=False).logits
+
+    def target_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (m × vocabulary) at exactly the m positions :meth:`loss` trains, each predicting an answer token
+        (or the end token), row by row: the answer positions a distillation compares (``lwf_lm``)."""
+        if self.seq2seq:
+            logits, targets = self._seq2seq_logits(batch)
+            return logits[targets != IGNORE]
+        return self._causal_answer_logits(batch)[0]
 
     def _answer_nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL of the answer tokens, ``(n, k)`` (0 where ``valid`` is False), and ``valid``."""
