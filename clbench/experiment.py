@@ -27,7 +27,7 @@ from clbench.models import build_model
 from clbench.places import check_writable, run_lock
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import needs_collate
-from clbench.tracking import Tracker, check_store, git_sha, package_versions, sqlite_path
+from clbench.tracking import Tracker, TrackingError, check_store, git_sha, package_versions, sqlite_path
 from strategies import build_strategy
 from strategies.base import Strategy
 
@@ -341,7 +341,11 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
 
 def _close_failed(tracker: Tracker, error: BaseException) -> None:
     """Mark the run FAILED (an exception, whose first line becomes its ``error`` tag) or KILLED (an interrupt);
-    the metrics it logged stay. A store that fails now too is only logged: ``error`` is what the caller sees."""
+    the metrics it logged stay. A store that fails now too is only logged: ``error`` is what the caller sees.
+    When the store itself failed (a :class:`TrackingError` mid-run) the run is left RUNNING without trying again
+    (that would be minutes of MLflow's retries): ``resume=true`` continues it."""
+    if isinstance(error, TrackingError):
+        return
     try:
         if isinstance(error, Exception):
             tracker.set_tags({"error": (str(error).strip().splitlines() or [type(error).__name__])[0][:1000]})

@@ -145,7 +145,8 @@ class Tracker:
         tags: the new run's tags.
         run_key: a key unique to this run's checkpoint folder, set as the tag ``clbench.run_key``. The caller holds
             that folder's run lock (:func:`clbench.places.run_lock`), so any other RUNNING run with the same key
-            is an orphan of a process killed before its first checkpoint: it is closed as KILLED.
+            is an orphan of a process that ended without closing it (killed before its first checkpoint, or a
+            run not resumed): it is closed as KILLED.
 
     Raises:
         TrackingError: the store cannot be used.
@@ -205,11 +206,11 @@ class Tracker:
             [experiment_id], filter_string=f"tags.`clbench.run_key` = '{run_key}' and attributes.status = 'RUNNING'")
         for orphan in found:
             if orphan.info.run_id != keep:
-                self.client.set_tag(orphan.info.run_id, "error", "orphaned: its process ended before the run's "
-                                                                 "first checkpoint; closed by a later run")
+                self.client.set_tag(orphan.info.run_id, "error", "orphaned: its process ended without closing "
+                                                                 "it; closed by a later run of the same config")
                 self.client.set_terminated(orphan.info.run_id, status="KILLED")
                 print(f"closed MLflow run {orphan.info.run_id} as KILLED: an earlier process of this config ended "
-                      "before its first checkpoint")
+                      "without closing it")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches (MLflow caps batch size and value length)."""

@@ -748,6 +748,7 @@ def test_a_store_that_fails_mid_run_ends_it_with_one_error_and_resume_logs_the_r
                                                 r"Connection refused\); what it logged stays: once the store works "
                                                 r"again, rerun the same command with resume=true"):
             run(cfg)
+    assert _runs(tmp_path)[0].info.status == "RUNNING"  # not closed through a store that failed: resume continues it
     resumed = run(dataclasses.replace(cfg, resume=True))
     assert (resumed.R == whole.R).all()
     (r,) = _runs(tmp_path)
