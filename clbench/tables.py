@@ -14,8 +14,9 @@ setting never lands in a cell.
    ``--runs FILE`` starts from a committed CSV instead (step 2 only).
 
 Figures (step 1 only, from MLflow): per column, the mean accuracy matrices side by side per method, the
-per-task accuracy curves, and the memory size per layer across tasks (``basis_dim/<layer>``, HLOP's
-``hlop_rows/<layer>``).
+per-task accuracy curves, the memory size per layer across tasks (``basis_dim/<layer>``, HLOP's
+``hlop_rows/<layer>``) and O-LoRA's principal angles between each task's adapter and the earlier ones
+(``adapter_angle_mean/<i>``).
 """
 
 from __future__ import annotations
@@ -326,6 +327,7 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
             continue
         mats: dict[str, np.ndarray] = {}
         bases: dict[str, dict[str, dict[int, float]]] = {}
+        angles: dict[str, dict[str, dict[int, float]]] = {}  # O-LoRA: new adapter vs each earlier one
         for method in methods:
             stack = []
             for r in (r for r in mine if r["method"] == method):
@@ -346,6 +348,10 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                             if k.startswith(("basis_dim/", "hlop_rows/"))]  # GPM's memory, HLOP's rows
                     if dims:
                         bases[method] = {k.split("/", 1)[1]: history(k) for k in dims}
+                    between = [k for k in client.get_run(r["run_id"]).data.metrics
+                               if k.startswith("adapter_angle_mean/")]
+                    if between:
+                        angles[method] = {k.split("/", 1)[1]: history(k) for k in between}
             mats[method] = np.mean(stack, axis=0)
         T = next(iter(mats.values())).shape[0]
         fig, axes = _grid(plt, len(methods), 2.4, 2.5)
@@ -385,6 +391,22 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
                 ax.legend(fontsize=5)
                 ax.set_ylabel("basis columns", fontsize=7)
             written.append(_save(fig, f"{col['title']} stand-in: memory size per layer", f"{prefix}_basis_size"))
+
+        if angles:
+            fig, axes = _grid(plt, len(angles), 3.2, 2.6)
+            for ax, (method, per_adapter) in zip(axes, angles.items(), strict=True):
+                for i, hist in sorted(per_adapter.items(), key=lambda kv: int(kv[0])):
+                    steps = sorted(hist)
+                    ax.plot(steps, [hist[s] for s in steps], marker=".", label=f"adapter {i}")
+                ax.set_xticks(range(1, T))
+                ax.set_title(labels[method], fontsize=8)
+                ax.set_xlabel("after task t", fontsize=7)
+                ax.set_ylabel("mean principal angle (°)", fontsize=7)
+                ax.set_ylim(0, 90)
+                ax.tick_params(labelsize=6)
+                ax.legend(fontsize=5)
+            written.append(_save(fig, f"{col['title']}: task t's adapter vs each earlier one (one seed)",
+                                 f"{prefix}_adapter_angles"))
     return written
 
 

@@ -120,3 +120,23 @@ def test_the_olora_table_lists_the_papers_cells_and_runs_its_setting_per_order(t
     md = (tmp_path / "olora_table.md").read_text()
     assert "Order 1: published | Order 1: clbench | Order 2: published" in md
     assert "| O-LoRA | 75.40 [P] | 74.00 ± 0.00 / -1.00 ± 0.00 (n=1) | 75.70 [P] |" in md
+
+
+def test_olora_report_draws_the_adapter_angles(tmp_path):
+    """O-LoRA's runs log the principal angles between each task's adapter and the earlier ones; the report draws
+    them per method beside the accuracy matrices."""
+    from mlflow.tracking import MlflowClient
+
+    spec = tables.load_spec("olora") | {"name": "olora"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("clbench", artifact_location=str(tmp_path / "art"))
+    olora = next(c for c in tables.cells(spec) if (c.method, c.column) == ("olora", "keyword_topics"))
+    rid = _log(client, exp_id, olora.overrides, 0, 30.0, -60.0, T=3)
+    for t in (1, 2):
+        for i in range(t):
+            client.log_metric(rid, f"adapter_angle_mean/{i}", 89.0 + i, step=t)
+    assert tables.main("olora", tmp_path / "results", uri, "clbench", None, False) == 0
+    figures = sorted(p.name for p in (tmp_path / "results" / "figures").iterdir())
+    assert "olora_keyword_topics_adapter_angles.png" in figures
+    assert "olora_keyword_topics_accuracy_matrices.png" in figures
