@@ -204,9 +204,13 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     def evaluate_all() -> dict[str, np.ndarray]:
         """Every named score of the model on every test experience: name → one value per experience."""
         model.eval()
-        cells = [metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
-                                                         generator=ctx.eval_order(_EVAL_KEY, j)), fabric.device)
-                 for j, s in enumerate(tests)]
+        cells = []
+        for j, s in enumerate(tests):
+            strategy.evaluate_as(ctx, j)  # a no-op but for task-identity oracles (per_task_ft)
+            cells.append(metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
+                                                                 generator=ctx.eval_order(_EVAL_KEY, j)),
+                                          fabric.device))
+        strategy.evaluate_as(ctx, None)
         model.train()
         if primary not in cells[0]:
             raise ConfigError(f"benchmark '{spec.name}' ranks by the score '{primary}', which model "

@@ -10,7 +10,7 @@ Call order for experience i (see ``clbench.experiment``)::
       (or, for a strategy that owns its whole loop, train_experience(ctx, on_epoch_end) instead of the engine)
     detach(ctx)                             remove the runtime hooks
     after_experience(ctx)                   e.g. new bases from the layer inputs
-    evaluation on every test experience
+    evaluation on every test experience     evaluate_as(ctx, j) before test experience j, evaluate_as(ctx, None) after
 
 A resumed run restores ``load_state_dict``, then ``rebuild`` (what the strategy added to the model during the
 run, e.g. one adapter per task, re-created from that state), then the saved weights; in the middle of
@@ -89,6 +89,11 @@ class Strategy:
 
     def after_experience(self, ctx: Context) -> None:
         """Called after training on experience ``ctx.experience``, before its evaluation."""
+
+    def evaluate_as(self, ctx: Context, task: int | None) -> None:
+        """Called before test experience ``task`` is scored, and with None once every one is. Methods score without
+        task identity, so this does nothing; an oracle reference that keeps one model per task (``per_task_ft``)
+        switches to task ``task``'s model here and back to the training state on None."""
 
     def diagnostics(self) -> dict[str, float]:
         """Scalars logged after each experience (e.g. basis size per layer)."""

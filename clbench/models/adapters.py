@@ -57,8 +57,13 @@ class LoraAdapters:
     def use_adapters(self, names: Sequence[str], trainable: Sequence[str] = ()) -> None:
         """Make ``names`` the active adapters (their outputs summed; :data:`STACK` among them stands for the adapters
         it holds) and let only the parameters of the ``trainable`` ones require gradients (peft's activation
-        unfreezes every active adapter; the others are frozen again here)."""
-        self.lm.base_model.set_adapter(list(names))
+        unfreezes every active adapter; the others are frozen again here). No ``names``: the base model alone
+        (every adapter layer off until adapters are used again)."""
+        if names:
+            self.lm.base_model.enable_adapter_layers()
+            self.lm.base_model.set_adapter(list(names))
+        else:
+            self.lm.base_model.disable_adapter_layers()
         for adapter, A, B in self._lora_pairs():
             for p in (A, B):
                 p.requires_grad_(adapter in trainable)
