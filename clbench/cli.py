@@ -18,6 +18,7 @@ that of the first failed job. A config error or an unusable store stops the swee
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -108,7 +109,7 @@ def _check_top_level_keys(args: list[str]) -> None:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
-        if key.split(".", 1)[0].split("@", 1)[0] not in valid:
+        if re.split(r"[./@]", key, maxsplit=1)[0] not in valid:  # engine.lr, hydra/launcher, benchmark@pkg
             _fail(f"config error: unknown config key '{key}'; valid top-level keys: {valid}", EXIT_CONFIG)
 
 

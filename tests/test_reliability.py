@@ -755,3 +755,10 @@ def test_a_store_that_fails_mid_run_ends_it_with_one_error_and_resume_logs_the_r
     assert r.info.run_id == resumed.run_id and r.info.status == "FINISHED"
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(r.info.run_id, "loss")
     assert sorted({h.step for h in history}) == list(range(6))
+
+
+def test_valid_overrides_pass_the_top_level_key_check():
+    from clbench import cli
+
+    cli._check_top_level_keys(["hydra/launcher=basic", "hydra.run.dir=x", "+extra=1", "~tracking", "seed=1",
+                               "engine.lr=0.1", "experiment=gpm_pmnist", "-m", "--cfg", "job"])
