@@ -700,6 +700,7 @@ def test_cli_in_a_read_only_folder_exits_3_naming_the_output_folder(tmp_path):
         "(Read-only file system); set hydra.run.dir to a writable place")
 
 
+@pytest.mark.slow  # the in-process test of the same place is in the fast suite
 def test_cli_unwritable_store_exits_3_naming_tracking_uri(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
