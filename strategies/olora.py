@@ -115,10 +115,7 @@ class OLoRA(Strategy):
 
     def before_experience(self, ctx: Context) -> None:
         model = self._model(ctx)
-        if ctx.experience > 0:
-            name = f"task{ctx.experience}"
-            model.add_adapter(name)
-            self.adapters.append(name)
+        model.add_task_adapter(self.adapters, ctx.experience)
         self._stack(model, self.adapters[:-1])  # already stacked at the end of the last task, normally
         self._activate(model)
 
@@ -199,9 +196,7 @@ class OLoRA(Strategy):
         """Re-create the adapters the run had added and its stack (their weights load next), and activate them as
         it had."""
         model = self._model(ctx)
-        for name in self._saved[len(self.adapters):]:
-            model.add_adapter(name)
-        self.adapters = list(self._saved)
+        self.adapters = model.restore_adapters(self.adapters, self._saved)
         self._stack(model, self._saved_stacked)
         self._activate(model)
 

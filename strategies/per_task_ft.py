@@ -47,10 +47,7 @@ class PerTaskFT(Strategy):
 
     def before_experience(self, ctx: Context) -> None:
         model = self._model(ctx)
-        if ctx.experience > 0:
-            name = f"task{ctx.experience}"
-            model.add_adapter(name)
-            self.adapters.append(name)
+        model.add_task_adapter(self.adapters, ctx.experience)
         self._train_current(model)
 
     def _train_current(self, model: LoraAdapters) -> None:
@@ -74,7 +71,5 @@ class PerTaskFT(Strategy):
     def rebuild(self, ctx: Context) -> None:
         """Re-create the adapters the run had added (their weights load next) and train the last one."""
         model = self._model(ctx)
-        for name in self._saved[len(self.adapters):]:
-            model.add_adapter(name)
-        self.adapters = list(self._saved)
+        self.adapters = model.restore_adapters(self.adapters, self._saved)
         self._train_current(model)

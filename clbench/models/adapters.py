@@ -54,6 +54,20 @@ class LoraAdapters:
             raise ValueError(f"the model already has an adapter {name!r}")
         self.lm.add_adapter(name, copy.deepcopy(self.lora_config))
 
+    def add_task_adapter(self, adapters: list[str], task: int) -> None:
+        """The adapter of task ``task`` for a method with one adapter per task, appended to ``adapters`` (the
+        method's list, in task order): a fresh ``task<t>`` for t > 0; task 0 uses the model's own adapter."""
+        if task > 0:
+            self.add_adapter(f"task{task}")
+            adapters.append(f"task{task}")
+
+    def restore_adapters(self, adapters: list[str], saved: list[str]) -> list[str]:
+        """Re-create, for a resumed run, the adapters in ``saved`` (its list) that ``adapters`` (the list of this
+        fresh model: its own adapter) lacks; their weights load next. Returns the resumed list."""
+        for name in saved[len(adapters):]:
+            self.add_adapter(name)
+        return list(saved)
+
     def use_adapters(self, names: Sequence[str], trainable: Sequence[str] = ()) -> None:
         """Make ``names`` the active adapters (their outputs summed; :data:`STACK` among them stands for the adapters
         it holds) and let only the parameters of the ``trainable`` ones require gradients (peft's activation
