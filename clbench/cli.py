@@ -12,8 +12,14 @@ A run that cannot go on prints one line ``clbench: ...`` on stderr (no traceback
   (:class:`~clbench.tracking.TrackingError`), a place the run writes that is not writable, or the same config
   running in another process now (:class:`~clbench.places.PlaceError`); nothing was logged or overwritten.
 
+* 4: the run was stopped by a signal (SIGTERM, SIGUSR1/2: a cluster's preemption or time-limit warning,
+  :class:`~clbench.preemption.Stopped`); its checkpoint is kept and the next start of the same config continues it
+  in the same MLflow run. A batch script requeues the job on this code (``docker/slurm``).
+
 In a sweep (``-m``) a job that diverges or cannot resume is reported and the sweep goes on; the exit code is then
-that of the first failed job. A config error or an unusable store stops the sweep at once.
+that of the first failed job. Each failed job leaves its code in ``clbench.exit`` in its output folder, which the
+sweep's process reads at the end (:class:`SweepFailures`), so that failures in launchers that run jobs in other
+processes (joblib, submitit) are counted too. A config error or an unusable store stops a sequential sweep at once.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from clbench.compose import load
 from clbench.config import ConfigError
 from clbench.engine import DivergenceError
 from clbench.places import PlaceError, check_writable
+from clbench.preemption import Stopped
 from clbench.tracking import TrackingError
 
-EXIT_DIVERGED, EXIT_CONFIG, EXIT_UNUSABLE = 1, 2, 3
-_failed: list[int] = []  # exit codes of the failed jobs of a sweep
+EXIT_DIVERGED, EXIT_CONFIG, EXIT_UNUSABLE, EXIT_STOPPED = 1, 2, 3, 4
+EXIT_FILE = "clbench.exit"  # a failed job of a sweep writes its exit code here, in its output folder
+_failed: list[int] = []  # exit codes of the failed jobs of a sweep (read by SweepFailures)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -70,6 +78,24 @@ class CheckOutputFolder(Callback):
             _fail(str(e), EXIT_UNUSABLE)
 
 
+class SweepFailures(Callback):
+    """Hydra callback: at the end of a sweep, collect the exit codes its failed jobs left (:data:`EXIT_FILE`),
+    wherever the launcher ran them."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        for f in sorted(Path(config.hydra.sweep.dir).rglob(EXIT_FILE), key=lambda p: p.stat().st_mtime):
+            _failed.append(int(f.read_text()))
+
+
+def _job_failed(message: str, code: int) -> float:
+    """A job of a sweep failed: print its line, leave its code for :class:`SweepFailures`, let the sweep go on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    print("clbench: " + " ".join(message.split()), file=sys.stderr)
+    (Path(HydraConfig.get().runtime.output_dir) / EXIT_FILE).write_text(f"{code}\n")
+    return float("nan")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> float:
     try:
@@ -90,9 +116,9 @@ def _run(cfg: DictConfig) -> float:
         code = EXIT_DIVERGED if isinstance(e, DivergenceError) else EXIT_UNUSABLE
         if not _sweeping():
             _fail(str(e), code)
-        print("clbench: " + " ".join(str(e).split()), file=sys.stderr)
-        _failed.append(code)
-        return float("nan")
+        return _job_failed(str(e), code)
+    except Stopped as e:
+        _fail(str(e), EXIT_STOPPED)
     return result.scores["acc"]
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from clbench import checkpoint, metrics
+from clbench import checkpoint, metrics, preemption
 from clbench.config import ConfigError, RunConfig
 from clbench.context import Context
 from clbench.display import Display, format_matrix
@@ -27,7 +26,7 @@ from clbench.models import build_model
 from clbench.places import check_writable, run_lock
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import needs_collate
-from clbench.tracking import Tracker, TrackingError, check_store, git_sha, package_versions, sqlite_path
+from clbench.tracking import Tracker, TrackingError, check_store, git_sha, package_versions, run_key, sqlite_path
 from strategies import build_strategy
 from strategies.base import Strategy
 
@@ -156,7 +155,9 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     (:func:`clbench.places.run_lock`), so a second process of the same config is refused, not a second writer.
     A non-finite epoch loss stops the run (the engine's check, or the one here for a strategy's own loop and a
     federated round); an exception marks the MLflow run FAILED (with the error as its ``error`` tag), keeping
-    what it logged, and a KeyboardInterrupt marks it KILLED.
+    what it logged, and a KeyboardInterrupt marks it KILLED. A cluster's signal (SIGTERM, SIGUSR1/2) stops it with
+    :class:`clbench.preemption.Stopped` (KILLED, tagged); the next start of the config continues it, as does a
+    requeued SLURM job (:mod:`clbench.preemption`).
 
     Args:
         cfg: the run's config.
@@ -175,8 +176,12 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         check_writable(store, "tracking.uri", is_file=True)
     check_store(cfg.tracking.uri, cfg.tracking.timeout)
     path = checkpoint.checkpoint_path(cfg)
-    with run_lock(path.parent, "checkpoint_dir"):
+    with run_lock(path.parent, "checkpoint_dir"), preemption.stoppable(path.parent):
+        if not cfg.resume and preemption.continues(path.parent):
+            print(f"{run_name(cfg)} was stopped by a signal or requeued: continuing it (resume=true implied)")
+            cfg = replace(cfg, resume=True)
         state = checkpoint.load(path) if cfg.resume else None
+        preemption.clear(path.parent)
         return _run_held(cfg, clients, path, state)
 
 
@@ -233,7 +238,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         print(f"resume=true but there is no checkpoint at {path}: starting afresh")
     tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
                       tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)},
-                      run_key=hashlib.sha1(str(path.parent.resolve()).encode()).hexdigest()[:16])
+                      run_key=run_key(path.parent))
     display = Display(cfg.engine.progress, cfg.strategy.name, T,
                       cfg.engine.epochs if federation is None else max(federation.rounds))
     last_loss: list[float] = []
@@ -344,7 +349,8 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
 
 
 def _close_failed(tracker: Tracker, error: BaseException) -> None:
-    """Mark the run FAILED (an exception, whose first line becomes its ``error`` tag) or KILLED (an interrupt);
+    """Mark the run FAILED (an exception, whose first line becomes its ``error`` tag) or KILLED (an interrupt, or
+    a signal that stopped it: :class:`clbench.preemption.Stopped`, tagged ``clbench.stopped``; it continues later);
     the metrics it logged stay. A store that fails now too is only logged: ``error`` is what the caller sees.
     When the store itself failed (a :class:`TrackingError` mid-run) the run is left RUNNING without trying again
     (that would be minutes of MLflow's retries): ``resume=true`` continues it."""
@@ -353,6 +359,8 @@ def _close_failed(tracker: Tracker, error: BaseException) -> None:
     try:
         if isinstance(error, Exception):
             tracker.set_tags({"error": (str(error).strip().splitlines() or [type(error).__name__])[0][:1000]})
+        elif isinstance(error, preemption.Stopped):
+            tracker.set_tags({"clbench.stopped": str(error)[:1000]})
         tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
     except Exception as also:  # e.g. the tracking server went away: keep the original error
         log.warning("could not mark MLflow run %s as failed: %s", tracker.run_id, also)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,13 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def interrupt_in_task(task: int, epoch: int):
-    """An ``Engine.fit`` that raises KeyboardInterrupt (a kill) right after the checkpoint of ``epoch`` of
-    ``task``."""
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_in_task(task: int, epoch: int, stop: Callable[[], None] = _raise_keyboard_interrupt):
+    """An ``Engine.fit`` that calls ``stop`` (default: raise KeyboardInterrupt, a kill) right after the
+    checkpoint of ``epoch`` of ``task``."""
     import clbench.engine
 
     original = clbench.engine.Engine.fit
@@ -40,7 +45,7 @@ def interrupt_in_task(task: int, epoch: int):
         def cut(e, loss, extra=None):
             on_epoch_end(e, loss, extra)
             if ctx.experience == task and e == epoch:
-                raise KeyboardInterrupt
+                stop()
 
         return original(self, ctx, strategy, start_epoch, cut)
 
