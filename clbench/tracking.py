@@ -15,8 +15,10 @@ with a lock on the store's folder (:func:`clbench.places.folder_lock`).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -135,6 +137,13 @@ def git_sha() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def run_key(checkpoint_folder: Path) -> str:
+    """The ``clbench.run_key`` of the run whose checkpoint folder is ``checkpoint_folder``: a hash of this host's
+    name and the folder's absolute path (a run lock is local to a host)."""
+    where = f"{socket.gethostname()}:{checkpoint_folder.resolve()}"
+    return hashlib.sha1(where.encode()).hexdigest()[:16]
+
+
 class Tracker:
     """An MLflow run: params once, metrics per epoch / experience, artifacts at the end.
 
@@ -143,10 +152,12 @@ class Tracker:
         run_name: the new run's name.
         run_id: the run to continue (a resumed run), or None for a new one.
         tags: the new run's tags.
-        run_key: a key unique to this run's checkpoint folder, set as the tag ``clbench.run_key``. The caller holds
-            that folder's run lock (:func:`clbench.places.run_lock`), so any other RUNNING run with the same key
-            is an orphan of a process that ended without closing it (killed before its first checkpoint, or a
-            run not resumed): it is closed as KILLED.
+        run_key: a key unique to this run's checkpoint folder on this host, set as the tag ``clbench.run_key``.
+            The caller holds that folder's run lock (:func:`clbench.places.run_lock`), so any other RUNNING run with
+            the same key is an orphan of a process that ended without closing it (killed before its first
+            checkpoint, or a run not resumed): it is closed as KILLED. The lock is a local one, so the key
+            includes the host: two hosts logging to one server with the same ``checkpoint_dir`` path on their
+            own disks are told apart (:func:`run_key`).
 
     Raises:
         TrackingError: the store cannot be used.

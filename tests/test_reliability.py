@@ -640,6 +640,24 @@ def test_another_configs_running_run_is_not_closed(tmp_path):
     assert {r.info.run_id: r.info.status for r in _runs(tmp_path)}[other.run_id] == "RUNNING"
 
 
+def test_the_same_configs_running_run_on_another_host_is_not_closed(tmp_path, monkeypatch):
+    """Run locks are local: a live run of the same config and checkpoint path on another host sharing the
+    server (its own disk) must not be taken for an orphan (it was closed as KILLED while it trained)."""
+    import socket
+
+    from clbench.tracking import Tracker, run_key
+
+    cfg = run_config(tmp_path, *SMALL, "benchmark.n_tasks=2", "engine.epochs=1")
+    folder = checkpoint.checkpoint_path(cfg).parent
+    with monkeypatch.context() as m:
+        m.setattr(socket, "gethostname", lambda: "node-a")
+        other_key = run_key(folder)
+        other = Tracker(cfg.tracking, "on node-a", run_key=other_key)
+    assert run_key(folder) != other_key  # this host's key for the same folder
+    run(cfg)
+    assert {r.info.run_id: r.info.status for r in _runs(tmp_path)}[other.run_id] == "RUNNING"
+
+
 # ---------------------------------------------------------------------------------------------- places
 
 
