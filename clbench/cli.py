@@ -152,5 +152,7 @@ def main() -> None:
         sys.exit(_failed[0])
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # ``python -m clbench.cli``: run the imported module's main, whose ``_failed`` the
+    from clbench.cli import main as imported_main  # Hydra callbacks (imported by name) fill, not this copy's
+
+    imported_main()
