@@ -1,8 +1,10 @@
 """Save and restore the whole loop state, so a killed run (even ``kill -9``) resumes where it stopped.
 
-A checkpoint is taken at every epoch end and every experience end. It holds the model, the optimizer of the
-experience in progress and its learning-rate schedule, the strategy's state, every RNG state, the accuracy
-matrix so far, the initial-model accuracies, and the MLflow run id. Files are written atomically (temp file +
+A checkpoint is taken at every epoch end (a federated run: every round end) and every experience end. It holds
+the model (a federated run: the global model), the optimizer of the experience in progress and its learning-rate
+schedule, the strategy's state, every RNG state, the accuracy matrix so far, the initial-model accuracies, the
+MLflow run id, and a federated run's loop position (:meth:`clbench.federated.loop.FederatedLoop.state_dict`;
+None for the others). Files are written atomically (temp file +
 rename), so a kill during a save leaves the previous checkpoint intact. The folder is keyed by a hash of the
 config (minus ``resume``), so running the same command with ``resume=true`` finds it. A checkpoint that cannot
 be read (truncated, overwritten, another program's file, another format) is refused with a
@@ -22,9 +24,9 @@ import torch
 from clbench.config import RunConfig
 from clbench.fingerprint import fingerprint
 
-FORMAT_VERSION = 3  # 2: the schedule state; 3: the other scores and the step count
+FORMAT_VERSION = 4  # 2: the schedule state; 3: the other scores and the step count; 4: the federated loop's
 KEYS = ("experience", "next_epoch", "model", "optimizer", "schedule", "strategy", "rng", "R", "initial", "others",
-        "step", "run_id")  # what :func:`save` writes besides the format
+        "step", "run_id", "federation")  # what :func:`save` writes besides the format
 
 
 class CheckpointError(RuntimeError):
@@ -33,7 +35,10 @@ class CheckpointError(RuntimeError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"checkpoint {path} {problem}; delete it (rm -r {path.parent}) to start this run afresh, "
                          "or set checkpoint_dir to a folder with an intact one")
-        self.path = path
+        self.path, self.problem = path, problem
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # sent from a rank to its parent
+        return type(self), (self.path, self.problem)
 
 
 def checkpoint_path(cfg: RunConfig) -> Path:

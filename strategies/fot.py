@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -166,3 +166,14 @@ class FOT(FedAvg):
 
     def diagnostics(self) -> dict[str, float]:
         return basis_diagnostics(self.bases) | self._scores
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server's state: the bases U_l and the last task end's ρ̄ and ε′ (clients keep none)."""
+        return {"bases": {k: v.detach().cpu() for k, v in self.bases.items()}, "scores": dict(self._scores)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bases, self._scores = dict(state["bases"]), dict(state["scores"])
+
+    def rebuild(self, ctx: Context) -> None:
+        """The restored bases go back to the device, where :meth:`task_end` keeps them."""
+        self.bases = {k: v.to(ctx.device) for k, v in self.bases.items()}

@@ -59,8 +59,8 @@ def install_spies(mp: pytest.MonkeyPatch) -> Record:
         rec.messages.append((len(source), msg, reply))
         return reply
 
-    def spy_task(self, ctx, on_round):
-        out = train_task(self, ctx, on_round)
+    def spy_task(self, ctx, on_round, *args):
+        out = train_task(self, ctx, on_round, *args)
         rec.states.append({k: v.clone() for k, v in self.state.items()})
         return out
 
@@ -325,7 +325,7 @@ def composed() -> dict[str, DictConfig]:
     ("fot", {"federated.alpha": 0.0}, r"'federated.alpha'.*> 0"),
     ("fot", {"federated.rounds": 3}, r"unknown config key 'federated.rounds'.*'rounds_per_task'"),
     ("fot", {"federated.clients": "two"}, r"'federated.clients'.*two"),
-    ("fot", {"resume": True}, r"'resume'.*not checkpointed"),
+    ("fot", {"resume": True, "federated.engine": "flower"}, r"'federated.engine'.*not checkpointed.*inprocess"),
     ("fot", {"engine.schedule": "cosine"}, r"'engine.schedule'.*constant"),
     ("fot", {"strategy.sketch": "sparse"}, r"'strategy.sketch'.*\['gaussian', 'uniform', 'gram'\]"),
     ("fot", {"strategy.sketch_factor": [0]}, r"'strategy.sketch_factor'.*>= 1"),

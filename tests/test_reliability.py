@@ -209,8 +209,9 @@ def _corrupt(path: Path, how: str) -> None:
 
 CORRUPTIONS = {"truncated": "is a truncated or damaged torch file", "random bytes": "is not a torch file",
                "empty": "is empty", "foreign dict": "is not a clbench checkpoint (a dict without a 'format' key)",
-               "a list": "is not a clbench checkpoint (a list", "old format": "has format 2, and this clbench reads "
-               "format 3", "a key missing": "lacks ['rng']", "a folder": "is a folder"}
+               "a list": "is not a clbench checkpoint (a list",
+               "old format": f"has format {checkpoint.FORMAT_VERSION - 1}, and this clbench reads format "
+               f"{checkpoint.FORMAT_VERSION}", "a key missing": "lacks ['rng']", "a folder": "is a folder"}
 
 
 @pytest.mark.parametrize("how", list(CORRUPTIONS))

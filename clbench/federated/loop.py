@@ -25,7 +25,13 @@ client here, one after another; :class:`clbench.flower.app.FlowerClients`
 (``federated.engine=flower``) sends the same messages to Flower SuperNodes, whose ClientApps run the same
 :func:`clbench.federated.client.run_client`. Both give the same accuracy matrix.
 
-Left out: checkpoints and resume (``resume=true`` is a config error for federated strategies).
+Resume: the loop's position (the task and the next round in it, the run's round index) and the bytes counted so
+far are :meth:`FederatedLoop.state_dict`; the global θ is ``ctx.module`` at every round end (the run's checkpoint
+saves it as the model) and the strategy's server state is its own ``state_dict``. Nothing else persists across
+rounds: clients keep no state (a fresh optimizer per round, their randomness and the round's sample derived from
+(seed, round), the split from (seed, task)), so :meth:`FederatedLoop.train_task` from a restored round repeats the
+uninterrupted run exactly. The run checkpoints after every round (``on_round_end``) and every task
+(:mod:`clbench.experiment`); ``resume=true`` is refused only for ``federated.engine=flower``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 
 from clbench.config import ConfigError, EngineConfig, FederatedConfig, rounds_per_task
 from clbench.context import Context, hash_seed
@@ -55,6 +62,10 @@ _SAMPLE_KEY = 23  # randomness of each round's client sample
 
 RoundCallback = Callable[[int, int, dict[str, float]], None]
 """``on_round(round_in_task, round_in_run, metrics)`` after each round's aggregation."""
+
+RoundEndCallback = Callable[[int], None]
+"""``on_round_end(next_round_in_task)`` once a round is complete (its task-end exchange included), with the global
+θ in ``ctx.module`` and :meth:`FederatedLoop.state_dict` at the next round: where a checkpoint goes."""
 
 
 def client_engine_config(engine_cfg: EngineConfig, cfg: FederatedConfig) -> EngineConfig:
@@ -151,8 +162,10 @@ class FederatedLoop:
         self.rounds = rounds_per_task(cfg.rounds_per_task, ctx.n_experiences)
         self.parts = [split_task(ctx, cfg, t) for t in range(ctx.n_experiences)]
         self.state = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}  # the global θ
-        self.round_index = 0
-        self.traffic = Traffic(0, 0)
+        self.round_index = 0  # rounds completed over the run (the next round's index)
+        self.task, self.next_round = 0, 0  # the task in progress and its next round
+        self.traffic = Traffic(0, 0)  # bytes of the tasks completed
+        self._task_traffic, self._gpse_traffic = Traffic(0, 0), Traffic(0, 0)  # of the task in progress so far
         self.clients = clients or InProcessClients(ctx, self.engine, strategy, self.parts)
 
     def _sample(self, holders: list[int]) -> list[int]:
@@ -181,14 +194,28 @@ class FederatedLoop:
         update = self.strategy.aggregate(ctx, update)
         self.state = {k: v + update[k] for k, v in self.state.items()}
 
-    def train_task(self, ctx: Context, on_round: RoundCallback) -> dict[str, float]:
-        """Train task ``ctx.experience``: its rounds, then the strategy's task-end exchange. Leaves the global θ
-        in ``ctx.module`` and returns the task's bytes (``task_bytes_*``: everything, ``gpse_bytes_*``: the
-        task-end exchange)."""
+    def train_task(self, ctx: Context, on_round: RoundCallback, start_round: int = 0,
+                   on_round_end: RoundEndCallback | None = None) -> dict[str, float]:
+        """Train task ``ctx.experience``: its rounds from ``start_round`` on, then the strategy's task-end exchange.
+        Leaves the global θ in ``ctx.module`` and returns the task's bytes (``task_bytes_*``: everything,
+        ``gpse_bytes_*``: the task-end exchange).
+
+        ``start_round`` > 0 continues the task where a restored :meth:`load_state_dict` stands; ``start_round`` =
+        the task's round count only finishes it. ``on_round_end`` runs after every round (see
+        :data:`RoundEndCallback`).
+
+        Raises:
+            ValueError: ``start_round`` is not where the restored loop stands.
+        """
         t = ctx.experience
+        if start_round and (self.task, self.next_round) != (t, start_round):
+            raise ValueError(f"cannot continue task {t} at round {start_round}: the federated loop stands at task "
+                             f"{self.task}, round {self.next_round}")
+        if not start_round:
+            self._task_traffic, self._gpse_traffic = Traffic(0, 0), Traffic(0, 0)
+        self.task, self.next_round = t, start_round
         holders = [k for k, part in enumerate(self.parts[t]) if part.numel()]
-        task, gpse = Traffic(0, 0), Traffic(0, 0)
-        for r in range(self.rounds[t]):
+        for r in range(start_round, self.rounds[t]):
             request = self.strategy.task_end_request(ctx) if r == self.rounds[t] - 1 else None
             with_upload = None if request is None or request.after_aggregation else request.arrays
             chosen = self._sample(holders)
@@ -197,18 +224,42 @@ class FederatedLoop:
             losses = [m.loss for m in replies if m.loss is not None]
             on_round(r, self.round_index, {"round_loss": sum(losses) / len(losses), "bytes_up": model.up + report.up,
                                            "bytes_down": model.down + report.down, "round_clients": len(chosen)})
-            task, gpse = task + model + report, gpse + report
+            task, gpse = self._task_traffic + model + report, self._gpse_traffic + report
             if request is not None:
                 if with_upload is None:  # a query of the aggregated model
                     query = ToClient(t, self.round_index, self.state, request.arrays, train=False)
                     replies, model, report = self._exchange(query, chosen)
                     task, gpse = task + model + report, gpse + model + report
                 self.strategy.task_end(ctx, secure_sum([m.report for m in replies if m.report is not None]))
+            self._task_traffic, self._gpse_traffic = task, gpse
             self.round_index += 1
+            self.next_round = r + 1
+            ctx.module.load_state_dict(self.state)  # θ, for a checkpoint (every client loads it first anyway)
+            if on_round_end is not None:
+                on_round_end(r + 1)
         ctx.module.load_state_dict(self.state)
+        task, gpse = self._task_traffic, self._gpse_traffic
         self.traffic += task
+        self.task, self.next_round = t + 1, 0
+        self._task_traffic, self._gpse_traffic = Traffic(0, 0), Traffic(0, 0)
         return {"task_bytes_up": task.up, "task_bytes_down": task.down, "gpse_bytes_up": gpse.up,
                 "gpse_bytes_down": gpse.down}
+
+    def state_dict(self) -> dict[str, int]:
+        """The loop's position and byte counts, for a checkpoint (θ is ``ctx.module``'s, the strategy's state its
+        own): with them :meth:`load_state_dict` and :meth:`train_task` from ``next_round`` repeat the run."""
+        return {"task": self.task, "next_round": self.next_round, "round_index": self.round_index,
+                "bytes_up": self.traffic.up, "bytes_down": self.traffic.down,
+                "task_bytes_up": self._task_traffic.up, "task_bytes_down": self._task_traffic.down,
+                "gpse_bytes_up": self._gpse_traffic.up, "gpse_bytes_down": self._gpse_traffic.down}
+
+    def load_state_dict(self, state: Mapping[str, int], module: Module) -> None:
+        """Restore :meth:`state_dict`; the global θ is ``module``'s (load the checkpoint's weights first)."""
+        self.task, self.next_round, self.round_index = state["task"], state["next_round"], state["round_index"]
+        self.traffic = Traffic(state["bytes_up"], state["bytes_down"])
+        self._task_traffic = Traffic(state["task_bytes_up"], state["task_bytes_down"])
+        self._gpse_traffic = Traffic(state["gpse_bytes_up"], state["gpse_bytes_down"])
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def totals(self) -> dict[str, float]:
         """Bytes moved over the whole run so far (``bytes_up_total``, ``bytes_down_total``)."""
