@@ -30,7 +30,7 @@ from clbench.config import (
 from clbench.federated.partition import SCHEMES
 from clbench.models import MODELS
 from clbench.streams import STREAM_CONFIGS
-from strategies import config_class, is_federated, strategy_names
+from strategies import config_class, is_federated, strategy_class, strategy_names
 
 FEDERATED_ENGINES = ("inprocess", "flower")
 
@@ -126,6 +126,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     check(run.engine.schedule != "plateau" or run.benchmark.validation_fraction > 0, "engine.schedule",
           "'plateau' watches the validation loss; set benchmark.validation_fraction > 0 (GPM's code: 0.05)")
     _check_federated(run, is_federated(run.strategy.name))
+    _check_devices(run)
     run.strategy.validate()
     return run
 
@@ -133,6 +134,17 @@ def load(cfg: DictConfig | dict) -> RunConfig:
 def federated_strategy_names() -> list[str]:
     """The registered federated strategies, sorted."""
     return [n for n in strategy_names() if is_federated(n)]
+
+
+def _check_devices(run: RunConfig) -> None:
+    """Several devices shard the engine's loop (:mod:`clbench.distributed`): a strategy that trains otherwise is
+    refused, before any process is spawned."""
+    cls = strategy_class(run.strategy.name)
+    why = ("simulates its clients in one process" if cls.federated else
+           "runs its own training loop" if cls.overrides("train_experience") else None)
+    check(run.engine.devices == 1 or why is None, "engine.devices",
+          f"{run.engine.devices}; strategy '{run.strategy.name}' {why}, which is not sharded over devices: use "
+          "engine.devices=1")
 
 
 def _check_federated(run: RunConfig, federated: bool) -> None:
@@ -160,7 +172,8 @@ def _check_federated(run: RunConfig, federated: bool) -> None:
     check(f.local_epochs >= 1, "federated.local_epochs", f"{f.local_epochs}; must be >= 1")
     check(f.partition in SCHEMES, "federated.partition", f"'{f.partition}' is not one of {list(SCHEMES)}")
     check(math.isfinite(f.alpha) and f.alpha > 0, "federated.alpha", f"{f.alpha}; must be > 0")
-    check(not run.resume, "resume", f"strategy '{name}' is federated, and federated runs are not checkpointed "
-          "(clbench.federated.loop): resume=true cannot continue one")
+    check(not (run.resume and f.engine == "flower"), "federated.engine",
+          "'flower' runs are not checkpointed, so resume=true cannot continue one; resume works with "
+          "federated.engine=inprocess")
     check(run.engine.schedule == "constant", "engine.schedule",
           f"'{run.engine.schedule}'; federated clients train with a constant learning rate (FOT's code)")

@@ -105,7 +105,8 @@ class EngineConfig:
         clip_norm: clip the global gradient norm to this value before each step (null: no clipping). The order
             of a step is backward → ``strategy.project`` → clip → optimizer step (OGPSA's official order).
         accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps``).
-        devices: Fabric devices; 1 (multi-device training is not implemented yet).
+        devices: Fabric devices: N > 1 trains on N processes with DDP (:mod:`clbench.distributed`); the global
+            batch stays ``batch_size``, each rank training on its slice.
         precision: Fabric precision: ``32-true`` or mixed ``bf16-mixed`` / ``16-mixed`` (weights stay fp32, so
             bases and projections keep full precision).
         progress: ``auto`` (a live display on a TTY, one line per experience otherwise), ``bar`` or ``none``.
@@ -165,8 +166,8 @@ class EngineConfig:
         check(self.accumulate >= 1, "engine.accumulate", f"{self.accumulate}; must be >= 1")
         check(self.clip_norm is None or (math.isfinite(self.clip_norm) and self.clip_norm > 0), "engine.clip_norm",
               f"{self.clip_norm}; must be a finite number > 0, or null (no clipping)")
-        check(type(self.devices) is int and self.devices == 1, "engine.devices",
-              f"{self.devices}; must be 1: multi-device (DDP) training is not implemented yet")
+        check(type(self.devices) is int and self.devices >= 1, "engine.devices",
+              f"{self.devices}; must be a whole number of devices >= 1")
         check(self.cache_bytes >= 0, "engine.cache_bytes", "must be >= 0")
         check(self.lr_min >= 0, "engine.lr_min", f"{self.lr_min}; must be >= 0")
         check(self.patience >= 1, "engine.patience", f"{self.patience}; must be >= 1")

@@ -8,10 +8,12 @@ import numpy as np
 
 
 class Display:
-    """Progress of a run: experience i/T, epoch, loss. Quiet (one line per experience) when not a TTY."""
+    """Progress of a run: experience i/T, epoch, loss. Quiet (one line per experience) when not a TTY; ``silent``
+    (ranks other than 0 of a multi-device run): nothing."""
 
     def __init__(self, mode: str, title: str, n_experiences: int, epochs: int) -> None:
         self.title, self.T, self.epochs = title, n_experiences, epochs
+        self.silent = mode == "silent"
         live = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self._progress = None
         if live:
@@ -29,6 +31,8 @@ class Display:
                                   info=f"epoch {epoch + 1}/{self.epochs} loss {loss:.4f}")
 
     def experience(self, experience: int, loss: float | None, acc_seen: float) -> None:
+        if self.silent:
+            return
         line = f"[{self.title}] experience {experience + 1}/{self.T}: acc on seen tasks {acc_seen:.2f}%"
         if loss is not None:
             line += f", last epoch loss {loss:.4f}"

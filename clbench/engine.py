@@ -5,8 +5,10 @@ optimizer step (every ``engine.accumulate`` micro-batches): strategy.project →
 learning rate → optimizer step (OGPSA's official order: projection before clipping, both before the step).
 Per epoch: the validation loss (when the stream has a validation split), the schedule's rule
 (:mod:`clbench.schedule`), ``strategy.after_epoch``, then the caller's ``on_epoch_end`` (logging, checkpoint).
-Nothing is logged per step: the loss is summed on the device and read once per epoch; a non-finite epoch loss
-(NaN or ±inf: the run diverged) stops the run there with a :class:`DivergenceError` (no extra device sync).
+On several devices (:mod:`clbench.distributed`) each rank trains on its slice of every global batch and the
+epoch's loss is averaged over the ranks. Nothing is logged per step: the loss is summed on the device and read
+once per epoch; a non-finite epoch loss (NaN or ±inf: the run diverged) stops the run there with a
+:class:`DivergenceError` (no extra device sync).
 
 The same services train an extra stage of a strategy (an OOD detector, a DPO pass: :meth:`Engine.stage`), which
 it reaches through ``ctx.trainer`` (:class:`clbench.context.Trainer`) instead of copying this loop.
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clbench.config import OPTIMIZER_ALIASES
+from clbench.distributed import shard
 from clbench.schedule import Schedule
 from clbench.streams.batches import batch_len
 
@@ -55,6 +58,9 @@ class DivergenceError(RuntimeError):
         super().__init__(f"training diverged in {where}: the epoch's mean loss is {loss}; likely cause: the learning "
                          f"rate {lr:g} ({lr_key}) is too high; lower it or set engine.clip_norm")
         self.loss, self.where, self.lr, self.lr_key = loss, where, lr, lr_key
+
+    def __reduce__(self) -> tuple[type, tuple[float, str, float, str]]:  # sent from a rank to its parent
+        return type(self), (self.loss, self.where, self.lr, self.lr_key)
 
 
 def epoch_place(ctx: Context, epoch: int, epochs: int) -> str:
@@ -137,6 +143,8 @@ class Engine:
         the experience's optimizer steps (the warm-up's clock). ``stage``: (epoch, epochs) of a strategy's extra
         stage, for the message of a :class:`DivergenceError` (None: epoch ``ctx.epoch`` of ``engine.epochs``)."""
         cfg, fabric = self.cfg, self.fabric
+        if fabric.world_size > 1:  # this rank's slice of each global batch, its loss weighted to the global mean
+            batches, loss_fn = shard(batches, loss_fn, fabric.global_rank, fabric.world_size)
         inner = getattr(optimizer, "optimizer", optimizer)
         plain = self._plain()
         backward = torch.Tensor.backward if plain else fabric.backward
@@ -178,6 +186,8 @@ class Engine:
         Raises:
             DivergenceError: the mean is NaN or ±inf; it names the experience, the epoch and the learning rate.
         """
+        if self.fabric.world_size > 1:  # the mean over ranks: every rank sees the same loss, and stops alike
+            total = self.fabric.all_reduce(total, reduce_op="mean")
         mean = float(total) / max(micro, 1)
         if math.isfinite(mean):
             return mean

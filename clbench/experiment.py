@@ -6,16 +6,17 @@ import logging
 import math
 import random
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from clbench import checkpoint, metrics, preemption
+from clbench import checkpoint, distributed, metrics, preemption
 from clbench.config import ConfigError, RunConfig
 from clbench.context import Context
 from clbench.display import Display, format_matrix
@@ -23,12 +24,15 @@ from clbench.engine import DivergenceError, Engine, epoch_place
 from clbench.federated.loop import Clients, FederatedLoop
 from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
-from clbench.places import check_writable, run_lock
+from clbench.places import PlaceError, check_writable, run_lock
 from clbench.streams import batch_source, build_stream
 from clbench.streams.batches import needs_collate
 from clbench.tracking import Tracker, TrackingError, check_store, git_sha, package_versions, run_key, sqlite_path
 from strategies import build_strategy
 from strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,13 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
             tracker.log_artifact(f)
 
 
-def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
+def setup(cfg: RunConfig, fabric: Fabric | None = None) -> tuple[Context, Strategy]:
     """What a run builds from its config before it trains: threads, seeds, stream, model, Fabric and the
     strategy, set up on the context. Federated clients on Flower build the same (:mod:`clbench.flower.app`).
 
     Raises:
         ConfigError: what only the stream, the model, Fabric or the strategy can check; nothing is logged yet.
     """
-    from lightning.fabric import Fabric
-
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -118,8 +120,8 @@ def setup(cfg: RunConfig) -> tuple[Context, Strategy]:
         raise FileNotFoundError(f"{e} Also missing: {also}") from e
     try:
         module = build_model(cfg.model, stream.spec)
-        fabric = Fabric(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices,
-                        precision=cfg.engine.precision)  # type: ignore[arg-type]
+        if fabric is None:
+            fabric = distributed.make_fabric(cfg.engine)
     except ValueError as e:  # a benchmark / model / engine key that cannot be honoured here
         raise ConfigError(str(e)) from e
     if str(cfg.engine.precision).startswith("bf16") and fabric.device.type == "cuda" \
@@ -146,8 +148,10 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     (:meth:`clbench.models.base.ContinualModel.score`); R holds the stream's primary one (accuracy, exact match),
     the others are logged beside it. A federated strategy (``fedavg``, ``fot``) trains each experience with
     :class:`clbench.federated.loop.FederatedLoop` instead of the engine on one learner; the rest (stream, model,
-    evaluation of the global model on every test experience, tracking, artifacts) is shared. Federated runs are
-    not checkpointed, so they cannot resume (the config refuses ``resume=true`` for them). A run on Flower starts
+    evaluation of the global model on every test experience, tracking, artifacts) is shared. In-process federated
+    runs are checkpointed at every round end and resume like any run; Flower runs are not checkpointed (the config
+    refuses ``resume=true`` for them). With ``engine.devices`` > 1 the run is trained by that many ranks
+    (:mod:`clbench.distributed`). A run on Flower starts
     in :func:`clbench.runner.execute`, whose ServerApp calls this function with its SuperNodes as ``clients``.
 
     The places the run writes (checkpoint folder, SQLite store), the tracking store and the checkpoint to resume
@@ -176,19 +180,49 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
         check_writable(store, "tracking.uri", is_file=True)
     check_store(cfg.tracking.uri, cfg.tracking.timeout)
     path = checkpoint.checkpoint_path(cfg)
-    with run_lock(path.parent, "checkpoint_dir"), preemption.stoppable(path.parent):
-        if not cfg.resume and preemption.continues(path.parent):
-            print(f"{run_name(cfg)} was stopped by a signal or requeued: continuing it (resume=true implied)")
+    try:
+        fabric = distributed.make_fabric(cfg.engine)
+    except ValueError as e:  # an accelerator / devices / precision that cannot be honoured here
+        raise ConfigError(str(e)) from e
+    if distributed.spawns(fabric):  # this process waits for the ranks it spawns, and passes signals on to them
+        with preemption.stoppable(path.parent, forward=distributed.children):
+            return distributed.launch(fabric, _run_rank, cfg, clients, path)
+    return distributed.launch(fabric, _run_rank, cfg, clients, path)
+
+
+def _run_rank(fabric: Fabric, cfg: RunConfig, clients: Clients | None, path: Path) -> RunResult:
+    """:func:`run` on one rank (the only one on one device): rank 0 holds the run lock, writes the stop marker and
+    decides whether to resume (a marker, a requeued job), which every rank then follows."""
+    lead = fabric.global_rank == 0
+    with ExitStack() as held:
+        refused = None
+        if lead:
+            try:
+                held.enter_context(run_lock(path.parent, "checkpoint_dir"))
+            except PlaceError as e:
+                refused = e
+        held.enter_context(preemption.stoppable(path.parent, lead=lead))
+        resume = cfg.resume or (lead and refused is None and preemption.continues(path.parent))
+        refused, resume = distributed.from_lead(fabric, (refused, resume))
+        if refused is not None:  # every rank stops, none waits in a collective for rank 0
+            raise refused
+        if resume and not cfg.resume:
+            if lead:
+                print(f"{run_name(cfg)} was stopped by a signal or requeued: continuing it (resume=true implied)")
             cfg = replace(cfg, resume=True)
         state = checkpoint.load(path) if cfg.resume else None
-        preemption.clear(path.parent)
-        return _run_held(cfg, clients, path, state)
+        if lead:
+            preemption.clear(path.parent)
+        return _run_held(cfg, clients, path, state, fabric)
 
 
-def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[str, Any] | None) -> RunResult:
-    """:func:`run` once its places are checked, its run lock held and its checkpoint (if any) read."""
-    ctx, strategy = setup(cfg)
-    model, module, fabric, stream, sources = ctx.model, ctx.module, ctx.fabric, ctx.stream, ctx.sources
+def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[str, Any] | None,
+              fabric: Fabric) -> RunResult:
+    """:func:`run` on one rank once its places are checked, its run lock held and its checkpoint (if any) read.
+    Every rank trains and evaluates; rank 0 alone logs, checkpoints and prints (:mod:`clbench.distributed`)."""
+    lead = fabric.global_rank == 0
+    ctx, strategy = setup(cfg, fabric)
+    model, module, stream, sources = ctx.model, ctx.module, ctx.stream, ctx.sources
     spec = stream.spec
     T, primary = spec.n_tasks, spec.primary_score
     engine = ctx.trainer
@@ -231,28 +265,34 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         strategy.load_state_dict(state["strategy"])
         strategy.rebuild(ctx)  # what the strategy added to the model (adapters), before the weights load
         module.load_state_dict(state["model"])
+        if federation is not None:  # the loop's position; the global θ is the model just loaded
+            federation.load_state_dict(state["federation"], module)
         R, b, start, others = state["R"], state["initial"], state["experience"], state["others"]
         print(f"Resuming {run_name(cfg)} from {path} (experience {min(start + 1, T)}/{T}, "
               f"epoch {state['next_epoch']})")
     elif cfg.resume:
         print(f"resume=true but there is no checkpoint at {path}: starting afresh")
-    tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
-                      tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name, "seed": str(cfg.seed)},
-                      run_key=run_key(path.parent))
-    display = Display(cfg.engine.progress, cfg.strategy.name, T,
+    tracker: Tracker | distributed.SilentTracker = distributed.SilentTracker()
+    if lead:
+        tracker = Tracker(cfg.tracking, run_name(cfg), run_id=None if state is None else state["run_id"],
+                          tags={"strategy": cfg.strategy.name, "benchmark": cfg.benchmark.name,
+                                "seed": str(cfg.seed)}, run_key=run_key(path.parent))
+    display = Display(cfg.engine.progress if lead else "silent", cfg.strategy.name, T,
                       cfg.engine.epochs if federation is None else max(federation.rounds))
     last_loss: list[float] = []
+    ddp_gap: list[float] = []  # several devices: how far a rank's own strategy state was from rank 0's
     owns_loop = strategy.overrides("train_experience")  # its loop cannot restart mid-experience
 
     def snapshot(experience: int, next_epoch: int, with_optimizer: bool) -> None:
-        if federation is not None:  # federated runs are not checkpointed
+        if not lead or (cfg.federated.engine == "flower" and federation is not None):  # Flower's: not checkpointed
             return
         checkpoint.save(path, {
             "experience": experience, "next_epoch": next_epoch, "model": module.state_dict(),
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
             "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
-            "others": others, "step": ctx.step, "run_id": tracker.run_id})
+            "others": others, "step": ctx.step, "run_id": tracker.run_id,
+            "federation": None if federation is None else federation.state_dict()})
 
     def train_experience(i: int) -> None:
         """Experience i on one learner: the engine (or the strategy's own loop), resumable mid-experience."""
@@ -295,6 +335,9 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         finally:
             strategy.detach(ctx)
         strategy.after_experience(ctx)
+        gap = distributed.sync_state(fabric, strategy)  # rank 0's bases on every rank
+        if fabric.world_size > 1:
+            ddp_gap[:] = [gap]
         ctx.optimizer = ctx.schedule = None
 
     def on_round(i: int, r: int, step: int, scores: dict[str, float]) -> None:
@@ -305,6 +348,11 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         tracker.log_metrics(scores, step=step)
         display.epoch(i, r, scores["round_loss"])
         last_loss[:] = [scores["round_loss"]]
+
+    def on_round_end(i: int, next_round: int) -> None:
+        """A federated round is complete: checkpoint it (a kill loses at most the round in progress)."""
+        if cfg.engine.checkpoint_every_epoch:
+            snapshot(i, next_round, with_optimizer=False)
 
     try:
         if state is None:
@@ -324,11 +372,17 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             if federation is None:
                 train_experience(i)
             else:
-                per_exp = federation.train_task(ctx, partial(on_round, i))
+                start_round = 0
+                if state is not None and i == start:  # continue the task where the checkpoint stands
+                    checkpoint.set_rng_state(state["rng"])
+                    start_round = federation.next_round
+                per_exp = federation.train_task(ctx, partial(on_round, i), start_round, partial(on_round_end, i))
             row = evaluate_all()
             R[i] = row[primary]
             per_exp |= {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
             per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
+            if ddp_gap:
+                per_exp["ddp/state_gap"] = ddp_gap[0]
             for name, M in others.items():
                 M[i] = row[name]
                 per_exp[f"{name}_exp"] = float(M[i, : i + 1].mean())
@@ -339,12 +393,15 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         display.close()
         totals = {} if federation is None else federation.totals()
         tracker.log_metrics(metrics.summary(R, b) | totals, step=T - 1)  # also when resumed after the last snapshot
-        _write_artifacts(tracker, cfg, R, b, others)
+        if lead:
+            _write_artifacts(tracker, cfg, R, b, others)
     except BaseException as error:
         display.close()
         _close_failed(tracker, error)
         raise
     tracker.finish()
+    if not lead:
+        return RunResult(R=R, initial=b, scores=metrics.summary(R, b), run_id=tracker.run_id, others=others)
     return _finish_print(cfg, R, b, tracker.run_id, others, primary)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -30,6 +30,9 @@ MARKER = "stopped"  # file in the checkpoint folder: this run was stopped by a s
 
 class Stopped(BaseException):  # like KeyboardInterrupt: no ``except Exception`` may swallow it
     """The run was stopped by ``signum``; its last checkpoint is in ``folder``."""
+
+    def __reduce__(self) -> tuple[type, tuple[int, Path]]:  # rebuilt with its fields when sent between ranks
+        return type(self), (self.signum, self.folder)
 
     def __init__(self, signum: int, folder: Path) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}; its last checkpoint is in {folder}, and the "
@@ -57,28 +60,48 @@ def clear(folder: Path) -> None:
 
 
 @contextmanager
-def stoppable(folder: Path) -> Iterator[None]:
+def stoppable(folder: Path, *, lead: bool = True, forward: Callable[[], list[int]] | None = None) -> Iterator[None]:
     """While inside, :data:`SIGNALS` raise :class:`Stopped` in the main thread (elsewhere: nothing is changed,
     since only the main thread may handle signals); the previous handlers are restored on exit.
 
-    On :class:`Stopped` the marker is written in ``folder``, then the previous handler of that signal is called
-    when it is a function (submitit's requeue, which exits the process); otherwise :class:`Stopped` propagates.
+    On :class:`Stopped` the ``lead`` process (one device, or rank 0) writes the marker in ``folder``, then calls
+    the previous handler of that signal when it is a function (submitit's requeue, which exits the process);
+    otherwise :class:`Stopped` propagates.
+
+    Args:
+        folder: the run's checkpoint folder.
+        lead: whether this process writes the marker and hands over to the previous handler (not other ranks).
+        forward: for a process that spawned the ranks (:mod:`clbench.distributed`): the signal is passed on to the
+            processes this returns instead of raised, and whatever ends the body afterwards (the ranks' Stopped,
+            or the error of a rank cut mid-collective) becomes :class:`Stopped`.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+    received: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         for s in SIGNALS:  # a second signal while stopping must not interrupt the stop
             signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signum, folder)
+        if forward is None:
+            raise Stopped(signum, folder)
+        received.append(signum)
+        for pid in forward():
+            os.kill(pid, signum)
 
     for s in SIGNALS:
         signal.signal(s, stop)
     try:
-        yield
+        try:
+            yield
+        except BaseException as error:
+            if received and not isinstance(error, Stopped):
+                raise Stopped(received[0], folder) from error
+            raise
     except Stopped as stopped:
+        if not lead:
+            raise
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).write_text(f"{signal.Signals(stopped.signum).name}\n")
         handler = previous[signal.Signals(stopped.signum)]

@@ -65,6 +65,12 @@ def is_federated(name: str) -> bool:
     return _REGISTRY[name].federated
 
 
+def strategy_class(name: str) -> type[Strategy]:
+    """The class registered as strategy ``name``."""
+    _discover()
+    return _REGISTRY[name]
+
+
 def build_strategy(cfg: Any) -> Strategy:
     """Instantiate the strategy named by ``cfg.name`` with its typed config."""
     _discover()

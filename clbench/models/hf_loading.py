@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import torch
-from huggingface_hub import constants
 
 if TYPE_CHECKING:  # transformers is imported where it is used: it costs seconds, config checks need none
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -98,9 +97,17 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
+def _hub() -> Any:
+    """huggingface_hub's constants (endpoint, cache folder), imported on use: the ``llm`` extra is optional, and
+    the package is imported by every run through :mod:`clbench.models`."""
+    from huggingface_hub import constants
+
+    return constants
+
+
 def _hub_reachable() -> bool:
     """Whether a TCP connection to the Hugging Face endpoint opens within 3 s (no network fails at once)."""
-    url = urlsplit(constants.ENDPOINT)
+    url = urlsplit(_hub().ENDPOINT)
     try:
         socket.create_connection((url.hostname or "", url.port or 443), timeout=3).close()
     except OSError:
@@ -115,14 +122,14 @@ def _download_blocker(download: bool) -> str | None:
     if not download:
         return "downloads are off (model.download=false)"
     if not _hub_reachable():
-        return f"the Hub ({constants.ENDPOINT}) cannot be reached"
+        return f"the Hub ({_hub().ENDPOINT}) cannot be reached"
     return None
 
 
 def _missing(what: str, name: str, why: str) -> FileNotFoundError:
     """The error for a model or tokenizer ``name`` that is not in the Hub cache, saying how to put it there."""
     return FileNotFoundError(
-        f"{what} '{name}' is not on disk and {why}. Put it in the Hugging Face cache ({constants.HF_HUB_CACHE}) with "
+        f"{what} '{name}' is not on disk and {why}. Put it in the Hugging Face cache ({_hub().HF_HUB_CACHE}) with "
         f"`hf download {name}` (`huggingface-cli download` in older huggingface_hub; on a machine without network, "
         "copy that cache folder from one that has it), or save it with save_pretrained to a local folder and set "
         "model.pretrained (or model.tokenizer) to that folder's path")
