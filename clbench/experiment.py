@@ -182,8 +182,9 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     path = checkpoint.checkpoint_path(cfg)
     try:
         fabric = distributed.make_fabric(cfg.engine)
-    except ValueError as e:  # an accelerator / devices / precision that cannot be honoured here
-        raise ConfigError(str(e)) from e
+    except (ValueError, RuntimeError) as e:  # an accelerator / devices / precision this machine lacks
+        raise ConfigError(f"engine.accelerator={cfg.engine.accelerator}, engine.devices={cfg.engine.devices}, "
+                          f"engine.precision={cfg.engine.precision} cannot run here: {e}") from e
     if distributed.spawns(fabric):  # this process waits for the ranks it spawns, and passes signals on to them
         with preemption.stoppable(path.parent, forward=distributed.children):
             return distributed.launch(fabric, _run_rank, cfg, clients, path)

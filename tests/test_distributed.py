@@ -151,3 +151,53 @@ def test_a_killed_rank_ends_the_run_and_resume_on_two_ranks_gives_the_uninterrup
     for j in range(4):
         assert a.data.metrics[f"acc_task/{j}"] == b.data.metrics[f"acc_task/{j}"]
     assert b.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_stopped_by_sigterm_exits_4_and_the_same_command_finishes_it(tmp_path):
+    """The scheduler signals the process that spawned the ranks: it passes the signal on, rank 0 writes the stop
+    marker, the command exits 4, and the same command continues the MLflow run to the uninterrupted R."""
+    args = (*SMALL, "benchmark.n_tasks=4", "engine.epochs=4", "engine.devices=2", "engine.accelerator=cpu",
+            "engine.progress=none", "threads=1")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def clbench(where: Path) -> subprocess.Popen:
+        where.mkdir(exist_ok=True)
+        return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args], cwd=where, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    whole = clbench(tmp_path / "whole")
+    assert whole.wait(600) == 0, whole.stdout.read() if whole.stdout else ""
+    job = tmp_path / "job"
+    proc = clbench(job)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ckpt = next(job.glob("checkpoints/*/last.ckpt"), None)
+        try:
+            if ckpt is not None and torch.load(ckpt, weights_only=False)["experience"] >= 1:
+                break
+        except (OSError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 4 and "clbench: stopped by SIGTERM" in out, out
+    again = clbench(job)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "continuing it (resume=true implied)" in out, out
+    (a,) = _runs(tmp_path / "whole")
+    (b,) = _runs(job)
+    assert b.info.status == "FINISHED"
+    for j in range(4):
+        assert a.data.metrics[f"acc_task/{j}"] == b.data.metrics[f"acc_task/{j}"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_accelerator_this_machine_lacks_is_a_config_error_before_anything_is_logged(tmp_path):
+    """Before: Lightning's RuntimeError surfaced as a traceback (exit 1)."""
+    from clbench.config import ConfigError
+    from clbench.experiment import run
+
+    with pytest.raises(ConfigError, match=r"engine.accelerator=cuda.*cannot run here"):
+        run(run_config(tmp_path, *SMALL, "engine.accelerator=cuda"))
+    assert not (tmp_path / "mlflow.db").exists()
