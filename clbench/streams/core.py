@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,10 +67,13 @@ class Stream:
         benchmark: an Avalanche ``CLScenario`` with ``train_stream`` and ``test_stream`` (and ``valid_stream``
             when ``benchmark.validation_fraction > 0``). Experience ``i`` of every stream has task label ``i``
             and its dataset yields ``(x, y, t)``.
+        references: named datasets that are not trained on, for strategies that measure something against them
+            (OGPSA's general-capability reference sets, ``strategy.ref_sets``); empty for most streams.
     """
 
     spec: StreamSpec
     benchmark: Any
+    references: dict[str, Any] = field(default_factory=dict)
 
 
 Builder = Callable[[BenchmarkConfig, int], Stream]

@@ -9,6 +9,7 @@ No knowledge of strategies, configs or tracking. Modules:
 * :mod:`~clbench.subspace.hebbian` — the Hebbian route to a basis: Oja's subspace rule with frozen old rows (HLOP).
 * :mod:`~clbench.subspace.overlap` — overlap of row spaces, the soft orthogonality penalties (O-LoRA, O3).
 * :mod:`~clbench.subspace.gpse` — GPSE: residual sketches and their server-side basis extension (FOT).
+* :mod:`~clbench.subspace.reference` — per-tensor bases of reference gradients and the projection off them (OGPSA).
 """
 
 from clbench.subspace.angles import principal_angles, split_by_alignment
@@ -24,6 +25,7 @@ from clbench.subspace.hebbian import HebbianSubspace, hebbian_extend
 from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix, unsupported_layers
 from clbench.subspace.overlap import row_overlap
 from clbench.subspace.projection import LayerProjector, project_out
+from clbench.subspace.reference import project_gradients, reference_basis
 
 __all__ = [
     "HebbianSubspace",
@@ -36,7 +38,9 @@ __all__ = [
     "layer_input_matrix",
     "orthonormal_complement",
     "principal_angles",
+    "project_gradients",
     "project_out",
+    "reference_basis",
     "row_overlap",
     "split_by_alignment",
     "threshold_basis",

@@ -1,0 +1,224 @@
+"""OGPSA: safety alignment as continual learning, with the training gradient projected off a general-capability
+reference subspace (Sun et al., arXiv 2602.07892, 2026; method note ogpsa.md; the basis and projection maths in
+:mod:`clbench.subspace.reference`).
+
+Each optimizer step, after backward (and accumulation, and any all-reduce) and **before** clipping and the
+optimizer, the gradient g of every trainable tensor is replaced by g̃ = (I − UᵀU) g, U an orthonormal basis of the
+mean gradients of the reference losses L_1 … L_m at the current θ (ogpsa.md §2). The step is then the steepest
+descent of the training loss that leaves every reference loss unchanged to first order (under plain SGD; Adam's
+per-coordinate scaling breaks that guarantee, as ogpsa.md §10 notes). The reference data are never trained on.
+
+**Reference sets** are named datasets of the stream (``Stream.references``): ``ref_sets`` names them, and the
+first ``ref_samples`` samples of each (in their order, as the code takes them) give that set's mean gradient: the
+mean over batches of the training batch size of each batch's mean loss (``model.loss``: the answer-token
+cross-entropy of a language model), taken with ``torch.autograd.grad`` in train mode, so the ``.grad`` buffers,
+the parameters and the optimizer state are untouched, and with the random state forked, so a build draws none of
+the training's random numbers.
+
+**Refresh**: the bases are built at the start of each experience (step 0, at the experience's starting θ: a new
+stage builds fresh bases, nothing carried over) and again after every ``refresh_every`` optimizer steps (at steps
+K, 2K, …, at the θ those steps reached: the code's ``on_step_end`` rule), counted by this strategy per call of
+:meth:`project` (one per optimizer step).
+
+Logged per experience: ``ogpsa/cos_g_S`` (mean over steps of ‖UᵀUg‖/‖g‖, the cosine between g and the reference
+subspace, before projection), ``ogpsa/removed`` (mean ‖g − g̃‖/‖g‖), ``ogpsa/ref_loss/<set>`` (the reference
+losses at the last build), ``ogpsa/refreshes`` and ``ogpsa/refresh_s`` (mean seconds a build took),
+``ogpsa/basis_floats`` (the floats the bases hold: m × the trainable size, per tensor).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from clbench.config import StrategyConfig, check
+from clbench.streams.batches import Batch, batch_len, map_batch
+from clbench.subspace.reference import MODES, ReferenceBasis, project_gradients, reference_basis
+from strategies import register
+from strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from clbench.context import Context
+    from clbench.streams import BatchSource
+
+GRANULARITIES = ("per_tensor", "global")
+BASES = ("mean", "svd")
+
+
+@dataclass
+class OGPSAConfig(StrategyConfig):
+    """OGPSA's keys (the code's values, ogpsa.md §3, are the defaults of its SFT stage).
+
+    Attributes:
+        ref_sets: names of the stream's reference sets (``Stream.references``); the code uses 2 in its SFT stage
+            and 1 in its DPO stage, and drops more silently; here any number spans the subspace (``threshold``
+            mode takes exactly one).
+        ref_samples: the first samples of each set that its mean gradient is taken over (code: 200).
+        refresh_every: K, optimizer steps between builds of the bases (code: 30 for SFT, 5 for DPO).
+        mode: ``orthogonal`` (code: g − UᵀUg), ``plane`` (UᵀUg), ``threshold`` (one set: remove u only where
+            ⟨g, u⟩ < 0, else scale g by ``scale``), ``none`` (no projection, no builds: the plain run).
+        granularity: ``per_tensor`` (code: a basis per trainable tensor) or ``global`` (one of all of them).
+        basis: ``mean`` (code: Gram–Schmidt of the sets' mean gradients, rank ≤ m) or ``svd`` (the top ``rank``
+            singular directions of the per-batch reference gradients).
+        rank: the ``svd`` basis's rank.
+        scale: ``threshold`` mode's factor on a gradient that does not point against the reference.
+    """
+
+    ref_sets: list[str] = field(default_factory=list)
+    ref_samples: int = 200
+    refresh_every: int = 30
+    mode: str = "orthogonal"
+    granularity: str = "per_tensor"
+    basis: str = "mean"
+    rank: int = 2
+    scale: float = 1.0
+
+    def validate(self) -> None:
+        check(self.mode in (*MODES, "none"), "strategy.mode", f"'{self.mode}'; one of {[*MODES, 'none']}")
+        check(self.mode == "none" or len(self.ref_sets) >= 1, "strategy.ref_sets",
+              "[] names no reference set; name the stream's general-capability sets, e.g. [arithmetic, recall]")
+        check(len(set(self.ref_sets)) == len(self.ref_sets), "strategy.ref_sets", f"{self.ref_sets} repeats a set")
+        check(self.mode != "threshold" or len(self.ref_sets) == 1, "strategy.ref_sets",
+              f"{self.ref_sets}; mode 'threshold' projects off one reference direction: name exactly one set")
+        check(isinstance(self.ref_samples, int) and self.ref_samples >= 1, "strategy.ref_samples",
+              f"{self.ref_samples}; must be an integer >= 1")
+        check(isinstance(self.refresh_every, int) and self.refresh_every >= 1, "strategy.refresh_every",
+              f"{self.refresh_every}; must be an integer >= 1 (optimizer steps between builds of the bases)")
+        check(self.granularity in GRANULARITIES, "strategy.granularity",
+              f"'{self.granularity}'; one of {list(GRANULARITIES)}")
+        check(self.basis in BASES, "strategy.basis", f"'{self.basis}'; one of {list(BASES)}")
+        check(isinstance(self.rank, int) and self.rank >= 1, "strategy.rank", f"{self.rank}; must be >= 1")
+        check(self.scale >= 0, "strategy.scale", f"{self.scale}; must be >= 0")
+
+
+def _first(source: BatchSource, n: int, batch_size: int) -> Iterator[Batch]:
+    """The first ``n`` samples of ``source`` in its order, in batches of ``batch_size`` (the last partial)."""
+    left = n
+    for batch in source.batches(batch_size, shuffle=False):
+        size = batch_len(batch)
+        if size >= left:
+            yield map_batch(batch, lambda v, k=left: v[:k]) if size > left else batch
+            return
+        yield batch
+        left -= size
+
+
+def _fresh_stats() -> dict[str, Any]:
+    """An experience's statistics before its first step."""
+    return {"cos": 0.0, "n": 0, "refreshes": 0, "refresh_s": 0.0, "ref_loss": {}}
+
+
+@register("ogpsa")
+class OGPSA(Strategy):
+    """Gradient projection off the reference subspace, refreshed every ``refresh_every`` steps."""
+
+    config_class = OGPSAConfig
+
+    def __init__(self, cfg: OGPSAConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: OGPSAConfig = cfg
+        self.basis: ReferenceBasis = {}
+        self.built_at = -1  # the step count at the last build (-1: none in this experience)
+        self.steps = 0  # optimizer steps of this experience (calls of project)
+        self.refs: dict[str, BatchSource] = {}
+        self._stats: dict[str, Any] = _fresh_stats()
+        self._device_sums: list[torch.Tensor] = []  # per step (‖g‖², ‖UᵀUg‖²), read once per experience
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def setup(self, ctx: Context) -> None:
+        if self.cfg.mode == "none":
+            return
+        available = getattr(ctx.stream, "references", {})
+        for name in self.cfg.ref_sets:
+            check(name in available, "strategy.ref_sets",
+                  f"'{name}' is not a reference set of benchmark '{ctx.stream.spec.name}'; it has "
+                  f"{sorted(available) or 'none'}")
+            self.refs[name] = ctx.sources(available[name])
+            check(len(self.refs[name]) > 0, "strategy.ref_sets", f"reference set '{name}' is empty")
+
+    def before_experience(self, ctx: Context) -> None:
+        self.built_at = -1  # a new stage builds fresh bases at its first step
+
+    def attach(self, ctx: Context) -> None:
+        """Count steps from ``ctx.step`` (0, or where a resumed experience stopped); fresh statistics."""
+        self.steps = ctx.step
+        self._stats, self._device_sums = _fresh_stats(), []
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def _trainable(self, ctx: Context) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in ctx.module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def project(self, ctx: Context) -> None:
+        if self.cfg.mode == "none":
+            return
+        if self.steps % self.cfg.refresh_every == 0 and self.built_at != self.steps:
+            with torch.enable_grad():
+                self.build(ctx)
+        grads = {n: p.grad for n, p in self._trainable(ctx).items() if p.grad is not None}
+        total, inside = project_gradients(grads, self.basis, self.cfg.mode, self.cfg.scale)
+        self._device_sums.append(torch.stack([total, inside]))
+        self.steps += 1
+
+    def build(self, ctx: Context) -> None:
+        """The bases at the current θ from the reference sets' gradients (:attr:`basis`), leaving the parameters,
+        their ``.grad``, the optimizer and the random state as they were."""
+        start = time.perf_counter()
+        params = self._trainable(ctx)
+        names, tensors = list(params), list(params.values())
+        per_set: list[dict[str, torch.Tensor]] = []
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for name, source in self.refs.items():
+                batches = list(_first(source, self.cfg.ref_samples, ctx.batch_size))
+                mean = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+                loss_sum = 0.0
+                for batch in batches:
+                    loss = ctx.module.loss(batch)
+                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    loss_sum += float(loss.detach())
+                    row = {n: torch.zeros_like(mean[n]) if g is None else g.float()  # unused by the loss: 0
+                           for n, g in zip(names, grads, strict=True)}
+                    if self.cfg.basis == "svd":  # the svd variant's rows: one per batch
+                        per_set.append(row)
+                    for n in names:
+                        mean[n] += row[n] / len(batches)
+                if self.cfg.basis == "mean":
+                    per_set.append(mean)
+                self._stats["ref_loss"][name] = loss_sum / len(batches)
+        self.basis = reference_basis(per_set, self.cfg.granularity, self.cfg.basis, self.cfg.rank)
+        self.built_at = self.steps
+        self._stats["refreshes"] += 1
+        self._stats["refresh_s"] += time.perf_counter() - start
+
+    # -- logging and state ----------------------------------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, float]:
+        if self.cfg.mode == "none":
+            return {}
+        if self._device_sums:
+            sums = torch.stack(self._device_sums).double().cpu()  # one read per experience
+            ratio = (sums[:, 1] / sums[:, 0].clamp_min(1e-30)).clamp(0, 1).sqrt()
+            self._stats["cos"], self._stats["n"] = float(ratio.mean()), len(ratio)
+            self._device_sums = []
+        stats = self._stats
+        out = {"ogpsa/cos_g_S": stats["cos"], "ogpsa/refreshes": float(stats["refreshes"]),
+               "ogpsa/refresh_s": stats["refresh_s"] / max(stats["refreshes"], 1),
+               "ogpsa/basis_floats": float(sum(U.numel() for U in self.basis.values()))}
+        if self.cfg.mode == "orthogonal":
+            out["ogpsa/removed"] = stats["cos"]  # ‖g − g̃‖ = ‖UᵀUg‖ for the orthogonal projection
+        out |= {f"ogpsa/ref_loss/{k}": v for k, v in stats["ref_loss"].items()}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"basis": {k: v.cpu() for k, v in self.basis.items()}, "built_at": self.built_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.basis, self.built_at = dict(state["basis"]), state["built_at"]
+
