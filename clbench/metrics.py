@@ -52,13 +52,21 @@ def fwt(R: np.ndarray, b: np.ndarray) -> float:
 
 
 def forgetting(R: np.ndarray) -> float:
-    """Average forgetting: 1/(T−1) Σ_{j<T−1} max_{i<T−1} (R[i, j] − R[T−1, j]) (Chaudhry et al. 2018,
-    "max − last", Eq. 9: the max runs over every earlier row, as there). 0 for T = 1."""
+    """Average forgetting after the last experience, Chaudhry et al. 2018 ("Riemannian Walk", ECCV), at k = T−1:
+
+        f_j = max_{l ∈ [j, T−2]} R[l, j] − R[T−1, j],   forgetting = 1/(T−1) Σ_{j<T−1} f_j.
+
+    The paper takes the max over the earlier rows l < k of accuracies a_{l,j} it measures on tasks already
+    trained only (j ≤ l); clbench's R also holds the entries j > i (FWT needs them), so the max is restricted
+    explicitly to the rows after task j was trained (l ≥ j). Rows l < j score a task not trained yet (chance,
+    or whatever transfer gave it) and never count as accuracy it "once had". Since f_j ≥ R[j, j] −
+    R[T−1, j], forgetting ≥ −BWT, with equality when no task scored above R[j, j] before the last row.
+    0 for T = 1."""
     R = _square(R)
     T = R.shape[0]
     if T == 1:
         return 0.0
-    return float(np.mean([R[: T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
+    return float(np.mean([R[j : T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
 
 
 def acc_seen(R: np.ndarray, i: int) -> float:

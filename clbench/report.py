@@ -2,7 +2,8 @@
 
 ``clbench report --table gpm`` writes a paper's table instead (:mod:`clbench.tables`).
 
-Cells are mean ± std over seeds (sample std, n−1; 0 for one seed) with the number of seeds. Runs are grouped
+Cells are mean ± std over seeds (sample std, n−1) with the number of seeds; one seed has no spread and shows
+"mean ± –". Runs are grouped
 by configuration (a hash of every non-default setting but the seed, recomputed from the run's params), so
 runs that differ in any setting (epochs, ε, scenario, ...) are separate rows, told apart by the ``config``
 column. When one configuration and seed was run more than once, the latest finished run counts. Runs that did
@@ -40,7 +41,9 @@ class Row:
         if not xs:
             return "–"
         mean = sum(xs) / len(xs)
-        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        if len(xs) == 1:
+            return f"{mean:.2f} ± –"  # one seed: no spread to show (n = 1 in the seeds column), not ± 0.00
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
         return f"{mean:.2f} ± {std:.2f}"
 
 

@@ -1,7 +1,10 @@
 """Paper tables: a spec (``clbench/conf/table/<name>.yaml``) → per-run figures → tables, manifest and figures.
 
 A spec lists the table's columns (benchmarks, each with the overrides of the stream clbench runs for it), its
-rows (methods, each with its own overrides per column) and the published numbers with their sources. A cell's
+rows (methods, each with its own overrides per column) and the published numbers with their sources. A column
+with ``stands_in_for: <key>`` is a second stand-in for the real benchmark of column ``<key>``: it has no published
+column of its own (the table shows one published column per real benchmark), and its cells are compared with
+that column's published values (manifest). A cell's
 runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
 (every non-default setting but the seed: :func:`clbench.fingerprint.fingerprint_params`), so a run of any other
 setting never lands in a cell.
@@ -149,10 +152,19 @@ def read_runs_csv(path: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ step 2: tables
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (n − 1) of ``xs``; the std is None for one value (no spread, not a spread of 0)."""
     mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
     return mean, std
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _csv_num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
@@ -171,7 +183,7 @@ def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[st
             entry: dict[str, Any] = {"n": len(mine), "seeds": sorted(r["seed"] for r in mine)}
             for score in ("acc", "bwt"):
                 entry[score] = _mean_std([r[score] for r in mine]) if mine else None
-            pub = (m.get("published") or {}).get(col["key"])
+            pub = (m.get("published") or {}).get(col.get("stands_in_for") or col["key"])
             entry["published"] = None if pub is None else {
                 "acc": pub[0], "acc_std": pub[1], "bwt": pub[2], "bwt_std": pub[3], "source": pub[4]}
             out[key] = entry
@@ -203,7 +215,8 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
     mine = _reproduced_columns(spec, agg)
     head = ["Method"]
     for c in cols:
-        head.append(f"{c['title']}: published")
+        if not c.get("stands_in_for"):
+            head.append(f"{c['title']}: published")
         if c["key"] in mine:
             head.append(mine[c["key"]])
     lines = [f"# {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -211,7 +224,8 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
         row = [m["label"]]
         for c in cols:
             e = agg[(m["key"], c["key"])]
-            row.append(_published(e["published"]))
+            if not c.get("stands_in_for"):
+                row.append(_published(e["published"]))
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
                 row.append(f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})" if e["n"] else
@@ -241,12 +255,12 @@ def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]])
     for m in spec["methods"]:
         for c in spec["columns"]:
             e = agg[(m["key"], c["key"])]
-            if (p := e["published"]) is not None:
+            if (p := e["published"]) is not None and not c.get("stands_in_for"):
                 w.writerow([m["key"], c["key"], "published", p["acc"], p["acc_std"], p["bwt"], p["bwt_std"], "",
                             p["source"]])
             if e["n"]:
-                w.writerow([m["key"], c["key"], "reproduced", f"{e['acc'][0]:.4f}", f"{e['acc'][1]:.4f}",
-                            f"{e['bwt'][0]:.4f}", f"{e['bwt'][1]:.4f}", e["n"],
+                w.writerow([m["key"], c["key"], "reproduced", f"{e['acc'][0]:.4f}", _csv_num(e["acc"][1]),
+                            f"{e['bwt'][0]:.4f}", _csv_num(e["bwt"][1]), e["n"],
                             c["stand_in"].split(":")[0] if c["stand_in"] else "clbench"])
     return buf.getvalue()
 
@@ -262,8 +276,8 @@ def render_manifest(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
         if e["published"] is not None:
             entry["published"] = {k: e["published"][k] for k in ("acc", "bwt", "source")}
         entry["reproduced"] = None if not e["n"] else {
-            "acc": round(e["acc"][0], 2), "acc_std": round(e["acc"][1], 2), "bwt": round(e["bwt"][0], 2),
-            "bwt_std": round(e["bwt"][1], 2), "seeds": e["seeds"]}
+            "acc": round(e["acc"][0], 2), "acc_std": _round(e["acc"][1], 2), "bwt": round(e["bwt"][0], 2),
+            "bwt_std": _round(e["bwt"][1], 2), "seeds": e["seeds"]}
         entries.append(entry)
     manifest = dict(existing or {})
     manifest[spec["name"]] = {"table": f"results/{spec['name']}_table.md", "cells": entries}

@@ -38,6 +38,20 @@ def test_forgetting_uses_the_best_earlier_row_not_the_diagonal():
     assert metrics.bwt(R2) == pytest.approx((10 + 0) / 2)
 
 
+def test_forgetting_ignores_rows_from_before_the_task_was_trained():
+    """Chaudhry et al. 2018's f_j = max_{l ∈ [j, T−2]} R[l, j] − R[T−1, j]: task 1 scored 70 before it was trained
+    (row 0: transfer from task 0, not accuracy it once had) and 60 right after, 55 at the end, so f_1 = 5, not
+    70 − 55 = 15 (the max over every earlier row, the old formula, gives (10 + 15) / 2 = 12.5)."""
+    R3 = np.array([[90.0, 70.0, 10.0], [85.0, 60.0, 20.0], [80.0, 55.0, 95.0]])
+    assert metrics.forgetting(R3) == pytest.approx((10 + 5) / 2)
+    # an untrained task at chance-level 100 % (a 1-class head) is no accuracy it had: f_1 = 40 − 40 = 0
+    R4 = np.array([[90.0, 100.0, 10.0], [88.0, 40.0, 30.0], [86.0, 40.0, 95.0]])
+    assert metrics.forgetting(R4) == pytest.approx((4 + 0) / 2)
+    # forgetting ≥ −BWT, equal when no task rose after it was trained
+    assert metrics.forgetting(R3) == pytest.approx(-metrics.bwt(R3))
+    assert metrics.forgetting(R) >= -metrics.bwt(R)
+
+
 def test_per_experience_scores():
     assert metrics.acc_seen(R, 1) == pytest.approx((80 + 95) / 2)
     assert metrics.bwt_seen(R, 1) == pytest.approx(-10.0)
