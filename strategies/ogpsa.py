@@ -66,6 +66,9 @@ class OGPSAConfig(StrategyConfig):
             singular directions of the per-batch reference gradients).
         rank: the ``svd`` basis's rank.
         scale: ``threshold`` mode's factor on a gradient that does not point against the reference.
+        project_from: the first experience projected; earlier ones train plainly (an offline stand-in's general
+            pre-training, e.g. ``safety_toy``'s experience 0: there is no capability to protect yet). 0: every
+            stage, as in the paper.
     """
 
     ref_sets: list[str] = field(default_factory=list)
@@ -76,6 +79,7 @@ class OGPSAConfig(StrategyConfig):
     basis: str = "mean"
     rank: int = 2
     scale: float = 1.0
+    project_from: int = 0
 
     def validate(self) -> None:
         check(self.mode in (*MODES, "none"), "strategy.mode", f"'{self.mode}'; one of {[*MODES, 'none']}")
@@ -93,6 +97,8 @@ class OGPSAConfig(StrategyConfig):
         check(self.basis in BASES, "strategy.basis", f"'{self.basis}'; one of {list(BASES)}")
         check(isinstance(self.rank, int) and self.rank >= 1, "strategy.rank", f"{self.rank}; must be >= 1")
         check(self.scale >= 0, "strategy.scale", f"{self.scale}; must be >= 0")
+        check(isinstance(self.project_from, int) and self.project_from >= 0, "strategy.project_from",
+              f"{self.project_from}; must be an experience index >= 0")
 
 
 def _first(source: BatchSource, n: int, batch_size: int) -> Iterator[Batch]:
@@ -154,9 +160,12 @@ class OGPSA(Strategy):
     def _trainable(self, ctx: Context) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in ctx.module.named_parameters() if p.requires_grad}
 
+    def _active(self, ctx: Context) -> bool:
+        return self.cfg.mode != "none" and ctx.experience >= self.cfg.project_from
+
     @torch.no_grad()
     def project(self, ctx: Context) -> None:
-        if self.cfg.mode == "none":
+        if not self._active(ctx):
             return
         if self.steps % self.cfg.refresh_every == 0 and self.built_at != self.steps:
             with torch.enable_grad():
@@ -200,7 +209,7 @@ class OGPSA(Strategy):
     # -- logging and state ----------------------------------------------------------------------------------------
 
     def diagnostics(self) -> dict[str, float]:
-        if self.cfg.mode == "none":
+        if self.cfg.mode == "none" or not self._stats["refreshes"]:  # off, or an experience it did not project
             return {}
         if self._device_sums:
             sums = torch.stack(self._device_sums).double().cpu()  # one read per experience

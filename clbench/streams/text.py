@@ -91,7 +91,8 @@ class TextStreamSpec:
     primary_score: str = "exact_match"
 
 
-STREAM_TASKS = {"keyword_topics": src.MAX_KEYWORD_TASKS, "offline_text": 4, "olora_standard": 4, "olora_long": 15}
+STREAM_TASKS = {"keyword_topics": src.MAX_KEYWORD_TASKS, "offline_text": 4, "olora_standard": 4, "olora_long": 15,
+                "safety_toy": 2}
 """Registered text stream -> most tasks it has (``n_tasks`` takes the first ``n_tasks`` of them)."""
 
 STREAM_ORDERS = {"olora_standard": (1, 2, 3), "olora_long": (4, 5, 6)}
@@ -322,7 +323,7 @@ def cap_total(examples: Sequence[Example], cap: int, gen: torch.Generator) -> li
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def _text_config(cfg: BenchmarkConfig) -> TextStreamConfig:
+def text_config(cfg: BenchmarkConfig) -> TextStreamConfig:
     """``cfg`` validated (common keys and text keys).
 
     Raises:
@@ -367,7 +368,7 @@ def build_keyword_topics(cfg: BenchmarkConfig, seed: int) -> Stream:
     label and 16 made-up fillers of its own; a sentence is 6-10 fillers with two keywords of its label.
     ``per_class`` training sentences per class (default 200), ``max_test_per_task // classes`` test sentences
     per class (default 200 per task)."""
-    cfg = _text_config(cfg)
+    cfg = text_config(cfg)
     s = stream_seed(cfg, seed)
     per_class = _or_default(cfg.per_class, DEFAULT_PER_CLASS, cfg.name)
     cap = _or_default(cfg.max_test_per_task, DEFAULT_TEST_CAP, cfg.name)
@@ -407,7 +408,7 @@ def build_offline_text(cfg: BenchmarkConfig, seed: int) -> Stream:
     Raises:
         FileNotFoundError: a wheel's data file is missing (naming it and the pip command).
     """
-    cfg = _text_config(cfg)
+    cfg = text_config(cfg)
     s = stream_seed(cfg, seed)
     per_class = _or_default(cfg.per_class, DEFAULT_PER_CLASS, cfg.name)
     cap = _or_default(cfg.max_test_per_task, DEFAULT_TEST_CAP, cfg.name)
@@ -422,7 +423,7 @@ def _build_olora(cfg: BenchmarkConfig, seed: int) -> Stream:
     """An O-LoRA stream: the first ``n_tasks`` data sets of order ``cfg.order``, read from
     ``<data_root>/CL_Benchmark``; training sets capped per class at ``per_class`` and test sets at
     ``max_test_per_task`` when those are set (random subsets keyed by the data set's name, file order kept)."""
-    cfg = _text_config(cfg)
+    cfg = text_config(cfg)
     s = stream_seed(cfg, seed)
     datasets = src.OLORA_ORDERS[cfg.order][: cfg.n_tasks]
     src.check_olora_files(cfg.data_root, datasets)
