@@ -346,3 +346,26 @@ def test_the_logged_cosine_is_the_mean_share_of_the_gradient_in_the_reference_su
     # two sets: rank 2 a tensor, but 1 for the one-element bias of b (rank ≤ its size)
     assert out["ogpsa/basis_floats"] == sum(min(2, p.numel()) * p.numel() for p in _Net().parameters()
                                             if p.requires_grad)
+
+
+def test_safety_toy_has_general_then_safety_with_fresh_reference_sets_and_unseen_test_verbs(tmp_path):
+    from helpers import run_config
+
+    from clbench.streams import build_stream
+    from clbench.streams.alignment import HARMFUL, REFUSE, VERBS_TEST, VERBS_TRAIN
+
+    cfg = run_config(tmp_path, "benchmark=safety_toy", "model=causal_lm", "engine=lm", "benchmark.per_class=30",
+                     "benchmark.max_test_per_task=30")
+    stream = build_stream(cfg.benchmark, 0)
+    train = [list(e.dataset) for e in stream.benchmark.train_stream]
+    test = [list(e.dataset) for e in stream.benchmark.test_stream]
+    assert [len(t) for t in train] == [90, 30] and [len(t) for t in test] == [30, 30]
+    assert all(s.answer == REFUSE and s.prompt.split()[3] in VERBS_TRAIN for s in train[1])
+    assert all(s.answer == REFUSE and s.prompt.split()[3] in VERBS_TEST for s in test[1])
+    assert not any(s.answer == REFUSE or any(h in s.prompt for h in HARMFUL) for s in train[0] + test[0])
+    assert sorted(stream.references) == ["arithmetic", "howto", "recall"]
+    seen = {s.prompt for s in train[0]}
+    ref = [s.prompt for s in stream.references["recall"]]
+    assert len(ref) == 30 and len(set(ref) & seen) < 3  # fresh draws (a 3-key recall prompt rarely repeats)
+    again = build_stream(cfg.benchmark, 0)
+    assert [s.prompt for s in again.benchmark.train_stream[1].dataset] == [s.prompt for s in train[1]]
