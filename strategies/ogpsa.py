@@ -133,6 +133,7 @@ class OGPSA(Strategy):
         self.refs: dict[str, BatchSource] = {}
         self._stats: dict[str, Any] = _fresh_stats()
         self._device_sums: list[torch.Tensor] = []  # per step (‖g‖², ‖UᵀUg‖²), read once per experience
+        self._params: dict[str, torch.nn.Parameter] = {}
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class OGPSA(Strategy):
         """Count steps from ``ctx.step`` (0, or where a resumed experience stopped); fresh statistics."""
         self.steps = ctx.step
         self._stats, self._device_sums = _fresh_stats(), []
+        self._params = self._trainable(ctx)  # fixed within an experience; walking the model each step costs
 
     # -- the step -----------------------------------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class OGPSA(Strategy):
         if self.steps % self.cfg.refresh_every == 0 and self.built_at != self.steps:
             with torch.enable_grad():
                 self.build(ctx)
-        grads = {n: p.grad for n, p in self._trainable(ctx).items() if p.grad is not None}
+        grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
         total, inside = project_gradients(grads, self.basis, self.cfg.mode, self.cfg.scale)
         self._device_sums.append(torch.stack([total, inside]))
         self.steps += 1

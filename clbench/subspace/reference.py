@@ -114,7 +114,8 @@ def project_gradients(grads: Mapping[str, Tensor], basis: ReferenceBasis, mode: 
     total = torch.zeros((), device=first.device, dtype=torch.float32)
     inside = torch.zeros_like(total)
     for g in grads.values():
-        total += g.detach().float().pow(2).sum()
+        flat = g.detach().reshape(-1)
+        total += flat @ flat if flat.dtype == torch.float32 else flat.float().pow(2).sum()
     if "" in basis:  # global: one basis of the concatenation
         flat = torch.cat([grads[n].reshape(-1).float() for n in names])
         coef = basis[""].to(flat.device) @ flat
@@ -129,9 +130,15 @@ def project_gradients(grads: Mapping[str, Tensor], basis: ReferenceBasis, mode: 
     for n in names:
         g = grads[n]
         U = basis[n].to(g.device)
+        if mode == "orthogonal" and g.dtype == torch.float32 and g.is_contiguous():  # one fused pass, in place
+            flat = g.view(-1)
+            coef = U @ flat
+            inside += coef @ coef
+            flat.addmv_(U.T, coef, alpha=-1.0)  # g ← g − Uᵀ(U g)
+            continue
         flat = g.reshape(-1).float()
         coef = U @ flat
-        inside += coef.pow(2).sum()
+        inside += coef @ coef
         g.copy_(_apply(flat, U, coef, mode, scale).view_as(g))
     return total, inside
 
