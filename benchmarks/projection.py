@@ -52,14 +52,14 @@ TARGET_VS_OFFICIAL_B10 = 3.0
 Batch = tuple[Tensor, Tensor, Tensor]
 
 
-def build_data() -> tuple[ContinualModel, BatchSource, BatchSource]:
+def build_data(device: str = "cpu") -> tuple[ContinualModel, BatchSource, BatchSource]:
     """The permuted_mnist_5k stream (2 tasks, seed 0): a fresh model (seeded) and tasks 0 and 1 as tensor
-    caches on the CPU."""
+    caches, on ``device``."""
     stream = build_stream(BenchmarkConfig(name="permuted_mnist_5k", n_tasks=2), SEED)
     torch.manual_seed(SEED)
-    model = build_model(model_config("mlp"), stream.spec)
+    model = build_model(model_config("mlp"), stream.spec).to(device)
     train = stream.benchmark.train_stream
-    return model, batch_source(train[0].dataset, "cpu"), batch_source(train[1].dataset, "cpu")
+    return model, batch_source(train[0].dataset, device), batch_source(train[1].dataset, device)
 
 
 def train_first_task(model: ContinualModel, source: BatchSource, batch_size: int = 10) -> None:
@@ -85,14 +85,14 @@ def gpm_bases(model: ContinualModel, source: BatchSource) -> dict[str, Tensor]:
             for name, eps in zip(layers, THRESHOLDS, strict=True)}
 
 
-def random_bases(model: ContinualModel) -> dict[str, Tensor]:
+def random_bases(model: ContinualModel) -> dict[str, Tensor]:  # on the model's device
     """Random orthonormal bases of 350/80/80 columns (QR of a seeded Gaussian matrix), capped at d."""
     g = torch.Generator().manual_seed(SEED)
     out: dict[str, Tensor] = {}
     for (name, layer), k in zip(model.protected_layers().items(), RANDOM_DIMS, strict=True):
         d = layer.weight[0].numel()
         q, _ = torch.linalg.qr(torch.randn(d, min(k, d), generator=g, dtype=torch.float64))
-        out[name] = q.float().contiguous()
+        out[name] = q.float().contiguous().to(layer.weight.device)
     return out
 
 
@@ -174,7 +174,7 @@ def main() -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=UserWarning)
     with threadpool_limits(limits=args.threads):
         start = time.perf_counter()
-        model, task0, task1 = build_data()
+        model, task0, task1 = build_data(args.device)
         if args.random_bases:
             bases, source = random_bases(model), "random orthonormal"
         else:
@@ -186,8 +186,8 @@ def main() -> dict[str, Any]:
         print(f"bases: {source}{rule}; "
               + ", ".join(f"{n} k={v['k']}/{v['d']}" for n, v in dims.items())
               + f"  (set-up {time.perf_counter() - start:.1f}s)")
-        print(f"MLP 784-100-100-10, CPU, torch threads={torch.get_num_threads()}, {args.steps} steps per call, "
-              f"{args.repeats} interleaved repeats (median)")
+        print(f"MLP 784-100-100-10, {args.device}, torch threads={torch.get_num_threads()}, {args.steps} steps per "
+              f"call, {args.repeats} interleaved repeats (median)")
         header = (f"{'batch':>5} {'clbench':>9} {'naive':>9} {'official':>9} | {'cl/offic':>8} {'cl/naive':>8} | "
                   f"{'paired':>6} {'paired':>8} | forms (auto)")
         print(f"{'':>5} {'steps/s (median)':^29} | {'ratio of medians':^17} | {'per-round':^15} |")
