@@ -170,11 +170,19 @@ class HebbianSubspace:
         self.n_old = self.rows
         self._buffer = self._buffer[:0]
 
+    def residual(self, x: Tensor) -> Tensor:
+        """X − (X H_oldᵀ) H_old (rows of ``x`` flattened to (N, d), in H's dtype and device): the old rows' part of
+        X − YH in Oja's rule, fixed while H_old is frozen; :meth:`step` takes it precomputed for activity it sees
+        more than once (HLOP's extra Hebbian passes)."""
+        X = x.detach().reshape(-1, self.dim).to(device=self.weight.device, dtype=self.weight.dtype)
+        return X if self.n_old == 0 else X - (X @ self.old.T) @ self.old
+
     @torch.no_grad()
-    def step(self, x: Tensor) -> None:
+    def step(self, x: Tensor, residual: Tensor | None = None) -> None:
         """Oja's subspace rule on one batch of activity ``x`` (B × d, or any (…, d): leading dims are samples):
         ``iterations`` times ΔH = (1/B) Yᵀ(X − YH) with Y = XHᵀ over all rows, clamped, through the momentum
-        buffer into the new rows only (hlop.md steps 1, 4b). A no-op without new rows."""
+        buffer into the new rows only (hlop.md steps 1, 4b). A no-op without new rows. ``residual``: the same
+        batch's :meth:`residual`, if already formed (same rows, same order)."""
         if self.rows == self.n_old:
             return
         if x.shape[-1] != self.dim:
@@ -185,7 +193,11 @@ class HebbianSubspace:
         # The old rows are frozen, so their part of X − YH is the same in every iteration: X − Y_old H_old is
         # formed once (2·B·d·k_old), and each iteration costs 3·B·d·m for the m new rows instead of
         # 2·B·d·(k_old + m) + B·d·m.
-        residual = X if k0 == 0 else X - (X @ self.old.T) @ self.old
+        if residual is None:
+            residual = self.residual(X)
+        elif residual.shape != X.shape:
+            raise ValueError(f"HebbianSubspace.step: residual {tuple(residual.shape)} does not match the activity "
+                             f"{tuple(X.shape)}")
         for _ in range(self.iterations):
             Y = X @ H_new.T
             delta = Y.T @ (residual - Y @ H_new) / X.shape[0]
