@@ -165,6 +165,7 @@ def test_hlop_at_its_defaults_on_the_pmnist_stand_in_beats_snn_naive_and_matches
     assert scores["hlop"]["acc"] > scores["gpm"]["acc"] - 1.0, scores
 
 
+@pytest.mark.slow  # a variant; the defaults' protection is the fast test above
 def test_hlop_with_normalised_eta_0_5_forgets_far_less_than_snn_naive_and_close_to_exact_rows(tmp_path):
     """The lr-normalised variant (η_l = 0.5 / E‖x‖², a deviation) with Hebbian steps in the training passes only
     (hebbian_samples=0, the code's loop). Measured (3 tasks × 2 epochs), BWT over seeds 0-3: naive −30.6,

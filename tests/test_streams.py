@@ -58,6 +58,7 @@ def test_registry_has_every_stream() -> None:
         "offline_text",
         "olora_standard",
         "olora_long",
+        "safety_toy",
         "split_digits",
         "permuted_mnist1d",
         "split_mnist1d",
