@@ -27,8 +27,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import avalanche.benchmarks  # noqa: F401 -- imported before any process group exists: at import, avalanche
-import numpy as np  # creates loggers, which it refuses to do on ranks other than 0 once a group is initialized
+import numpy as np
 import torch
 
 from clbench.streams.batches import batch_len

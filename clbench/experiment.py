@@ -6,12 +6,16 @@ import logging
 import math
 import random
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Avalanche creates loggers at import, which it refuses on ranks other than 0 once a process group exists: it is
+# imported here, before any group (a spawned rank imports this module to unpickle its task), and not in
+# clbench.engine, which the command line imports even for `clbench report` (4 s of start-up).
+import avalanche.benchmarks  # noqa: F401
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -185,10 +189,10 @@ def run(cfg: RunConfig, clients: Clients | None = None) -> RunResult:
     except (ValueError, RuntimeError) as e:  # an accelerator / devices / precision this machine lacks
         raise ConfigError(f"engine.accelerator={cfg.engine.accelerator}, engine.devices={cfg.engine.devices}, "
                           f"engine.precision={cfg.engine.precision} cannot run here: {e}") from e
-    if distributed.spawns(fabric):  # this process waits for the ranks it spawns, and passes signals on to them
-        with preemption.stoppable(path.parent, forward=distributed.children):
-            return distributed.launch(fabric, _run_rank, cfg, clients, path)
-    return distributed.launch(fabric, _run_rank, cfg, clients, path)
+    # A process that spawns the ranks waits for them and passes a scheduler's signals on to them.
+    spawner = preemption.stoppable(path.parent, forward=distributed.children) if distributed.spawns(fabric) else None
+    with spawner or nullcontext():
+        return distributed.launch(fabric, _run_rank, cfg, clients, path)
 
 
 def _run_rank(fabric: Fabric, cfg: RunConfig, clients: Clients | None, path: Path) -> RunResult:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,3 +69,32 @@ def killed_and_resumed(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, task: in
         run(cfg)
     monkeypatch.undo()
     return whole, run(dataclasses.replace(cfg, resume=True))
+
+
+def clbench_process(cwd: Path, *args: str) -> subprocess.Popen:
+    """``python -m clbench.cli *args`` started in ``cwd`` (created if missing) on one thread; stdout and stderr
+    together, as text."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args], cwd=cwd,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(cwd: Path, ready: Callable[[dict[str, Any]], bool], proc: subprocess.Popen | None = None,
+                        timeout: float = 300) -> None:
+    """Wait until the checkpoint under ``cwd/checkpoints`` satisfies ``ready`` (a file caught while it is being
+    replaced is read again).
+
+    Raises:
+        AssertionError: ``proc`` ended, or ``timeout`` seconds passed, first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        found = next((cwd / "checkpoints").glob("*/last.ckpt"), None) if (cwd / "checkpoints").exists() else None
+        try:
+            if found is not None and ready(torch.load(found, weights_only=False)):
+                return
+        except (OSError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError("the run ended, or ran out of time, before its checkpoint was ready")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import interrupt_in_task, run_config
+from helpers import clbench_process, interrupt_in_task, run_config, wait_for_checkpoint
 from omegaconf import OmegaConf
 
 from clbench import cli, preemption
@@ -123,14 +123,12 @@ def test_sweep_failures_are_read_from_the_jobs_folders(tmp_path, monkeypatch):
 
 
 def _clbench(tmp: Path, *args: str) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args, "engine.progress=none", "threads=1"],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return clbench_process(tmp, *args, "engine.progress=none", "threads=1")
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out + err
+    out = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, out
 
 
 def _complete(tmp: Path, runs: list, n_tasks: int, epochs: int) -> None:
@@ -160,22 +158,10 @@ def test_a_failed_job_of_a_joblib_sweep_sets_the_exit_code(tmp_path):
     assert code == 1 and "1 run(s) of the sweep failed" in out, out
 
 
-def _stop_when_checkpointed(tmp: Path, pattern: str, signum: int, timeout: float = 300) -> None:
+def _stop_when_checkpointed(tmp: Path, pattern: str, signum: int) -> None:
     """Send ``signum`` to the process whose command line matches ``pattern`` once the run has trained one
     experience (its checkpoint's ``experience`` is 1)."""
-    import torch
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ckpt = next((tmp / "checkpoints").glob("*/last.ckpt"), None) if (tmp / "checkpoints").exists() else None
-        try:
-            if ckpt is not None and torch.load(ckpt, weights_only=False)["experience"] >= 1:
-                break
-        except (OSError, RuntimeError, EOFError):  # replaced while being read
-            pass
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the run never finished its first experience")
+    wait_for_checkpoint(tmp, lambda state: state["experience"] >= 1)
     pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     assert len(pids) == 1, pids
     os.kill(int(pids[0]), signum)

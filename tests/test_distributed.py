@@ -7,14 +7,12 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import gen, run_config
+from helpers import clbench_process, gen, run_config, wait_for_checkpoint
 
 from clbench import distributed
 from clbench.checkpoint import CheckpointError
@@ -115,35 +113,26 @@ def test_a_strategy_that_does_not_train_through_the_engine_is_refused_on_two_dev
         run_config(tmp_path, f"strategy={strategy}", "benchmark=permuted_digits", "engine.devices=2")
 
 
+DDP_RUN = (*SMALL, "benchmark.n_tasks=4", "engine.epochs=4", "engine.devices=2", "engine.accelerator=cpu",
+           "engine.progress=none", "threads=1")
+
+
+def _after_task_1(state: dict) -> bool:
+    return state["experience"] >= 1
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_and_resume_on_two_ranks_gives_the_uninterrupted_r(tmp_path):
-    args = (*SMALL, "benchmark.n_tasks=4", "engine.epochs=4", "engine.devices=2", "engine.accelerator=cpu",
-            "engine.progress=none", "threads=1")
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-
-    def clbench(where: Path, *extra: str) -> subprocess.Popen:
-        where.mkdir(exist_ok=True)
-        return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args, *extra], cwd=where, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    whole = clbench(tmp_path / "whole")
+    whole = clbench_process(tmp_path / "whole", *DDP_RUN)
     assert whole.wait(600) == 0, whole.stdout.read() if whole.stdout else ""
     job = tmp_path / "job"
-    proc = clbench(job)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        ckpt = next(job.glob("checkpoints/*/last.ckpt"), None)
-        try:
-            if ckpt is not None and torch.load(ckpt, weights_only=False)["experience"] >= 1:
-                break
-        except (OSError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.2)
+    proc = clbench_process(job, *DDP_RUN)
+    wait_for_checkpoint(job, _after_task_1, proc)
     ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert ranks, "no rank processes"
     os.kill(int(ranks[-1]), signal.SIGKILL)
     assert proc.wait(300) != 0
-    resumed = clbench(job, "resume=true")
+    resumed = clbench_process(job, *DDP_RUN, "resume=true")
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0 and "Resuming" in out, out
     (a,) = _runs(tmp_path / "whole")
@@ -157,32 +146,15 @@ def test_a_killed_rank_ends_the_run_and_resume_on_two_ranks_gives_the_uninterrup
 def test_a_two_rank_run_stopped_by_sigterm_exits_4_and_the_same_command_finishes_it(tmp_path):
     """The scheduler signals the process that spawned the ranks: it passes the signal on, rank 0 writes the stop
     marker, the command exits 4, and the same command continues the MLflow run to the uninterrupted R."""
-    args = (*SMALL, "benchmark.n_tasks=4", "engine.epochs=4", "engine.devices=2", "engine.accelerator=cpu",
-            "engine.progress=none", "threads=1")
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-
-    def clbench(where: Path) -> subprocess.Popen:
-        where.mkdir(exist_ok=True)
-        return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args], cwd=where, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    whole = clbench(tmp_path / "whole")
+    whole = clbench_process(tmp_path / "whole", *DDP_RUN)
     assert whole.wait(600) == 0, whole.stdout.read() if whole.stdout else ""
     job = tmp_path / "job"
-    proc = clbench(job)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        ckpt = next(job.glob("checkpoints/*/last.ckpt"), None)
-        try:
-            if ckpt is not None and torch.load(ckpt, weights_only=False)["experience"] >= 1:
-                break
-        except (OSError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.2)
+    proc = clbench_process(job, *DDP_RUN)
+    wait_for_checkpoint(job, _after_task_1, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 4 and "clbench: stopped by SIGTERM" in out, out
-    again = clbench(job)
+    again = clbench_process(job, *DDP_RUN)
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0 and "continuing it (resume=true implied)" in out, out
     (a,) = _runs(tmp_path / "whole")

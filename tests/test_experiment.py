@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_config
+from helpers import clbench_process, run_config, wait_for_checkpoint
 
 from clbench.experiment import run
 
@@ -41,12 +38,6 @@ def test_gpm_with_empty_memory_is_naive_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(gpm.R, naive.R)
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     # the plateau schedule with patience 1 decays the lr mid-experience: its state must survive the kill too
     _kill_and_resume(tmp_path, ["strategy=gpm", "benchmark=permuted_digits", "benchmark.n_tasks=3", "engine.epochs=4",
@@ -73,26 +64,13 @@ def _kill_and_resume(tmp_path: Path, args: list[str], at: tuple[int, int]) -> No
     (tmp_path / "full").mkdir()
     R_full = run(run_config(tmp_path / "full", *args)).R  # the same config, uninterrupted, in-process
 
-    cut = _cli(args, cut_dir)
-    ckpts = cut_dir / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and cut.poll() is None:
-        found = list(ckpts.glob("*/last.ckpt"))
-        if found:
-            import torch
-
-            try:
-                state = torch.load(found[0], weights_only=False)
-            except Exception:
-                state = None
-            if state is not None and (state["experience"], state["next_epoch"]) >= at:
-                os.kill(cut.pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
+    cut = clbench_process(cut_dir, *args)
+    wait_for_checkpoint(cut_dir, lambda state: (state["experience"], state["next_epoch"]) >= at, cut, timeout=240)
+    os.kill(cut.pid, signal.SIGKILL)
     cut.wait(timeout=60)
     assert cut.returncode == -signal.SIGKILL, "run finished before it could be killed"
 
-    resumed = _cli([*args, "resume=true"], cut_dir)
+    resumed = clbench_process(cut_dir, *args, "resume=true")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     assert "Resuming" in out

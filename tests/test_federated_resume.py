@@ -13,16 +13,13 @@ import dataclasses
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import clbench_process, run_config, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
 from clbench import checkpoint
@@ -156,40 +153,22 @@ def test_continuing_at_a_round_the_loop_does_not_stand_at_is_refused(tmp_path):
         loop.train_task(ctx, lambda *a: None, start_round=2)
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "clbench.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.mark.slow
 def test_a_fot_cli_run_killed_9_mid_task_resumes_with_the_uninterrupted_result(tmp_path):
     """``kill -9`` of the CLI once its checkpoint is past round 1 of task 2; the same command with resume=true
     continues the same MLflow run and prints the uninterrupted run's accuracy matrix and ACC."""
     args = ["strategy=fot", *TINY[:-1], "federated.rounds_per_task=[2,30]", "threads=1", "engine.progress=none"]
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_dir.mkdir()
-    cut_dir.mkdir()
-    full_out = _cli(args, full_dir).communicate(timeout=600)[0]
+    full_out = clbench_process(full_dir, *args).communicate(timeout=600)[0]
 
-    cut = _cli(args, cut_dir)
-    deadline = time.time() + 300
-    while time.time() < deadline and cut.poll() is None:
-        found = list((cut_dir / "checkpoints").glob("*/last.ckpt"))
-        state = None
-        if found:
-            try:
-                state = torch.load(found[0], weights_only=False)
-            except Exception:
-                state = None
-        if state is not None and state["experience"] == 1 and state["federation"]["next_round"] >= 1:
-            os.kill(cut.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    cut = clbench_process(cut_dir, *args)
+    wait_for_checkpoint(cut_dir, lambda state: state["experience"] == 1 and state["federation"]["next_round"] >= 1,
+                        cut)
+    os.kill(cut.pid, signal.SIGKILL)
     cut.wait(timeout=60)
     assert cut.returncode == -signal.SIGKILL, "run finished before it could be killed"
 
-    resumed = _cli([*args, "resume=true"], cut_dir)
+    resumed = clbench_process(cut_dir, *args, "resume=true")
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     assert "Resuming" in out
