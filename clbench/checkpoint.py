@@ -3,8 +3,9 @@
 A checkpoint is taken at every epoch end (a federated run: every round end) and every experience end. It holds
 the model (a federated run: the global model), the optimizer of the experience in progress and its learning-rate
 schedule, the strategy's state, every RNG state, the accuracy matrix so far, the initial-model accuracies, the
-MLflow run id, and a federated run's loop position (:meth:`clbench.federated.loop.FederatedLoop.state_dict`;
-None for the others). Files are written atomically (temp file +
+MLflow run id, a federated run's loop position (:meth:`clbench.federated.loop.FederatedLoop.state_dict`;
+None for the others) and the anchors of the experience in progress (DPO's reference log-probabilities, computed
+as it started: :meth:`clbench.models.base.ContinualModel.anchors`). Files are written atomically (temp file +
 rename), so a kill during a save leaves the previous checkpoint intact. The folder is keyed by a hash of the
 config (minus ``resume``), so running the same command with ``resume=true`` finds it. A checkpoint that cannot
 be read (truncated, overwritten, another program's file, another format) is refused with a
@@ -24,9 +25,10 @@ import torch
 from clbench.config import RunConfig
 from clbench.fingerprint import fingerprint
 
-FORMAT_VERSION = 4  # 2: the schedule state; 3: the other scores and the step count; 4: the federated loop's
+FORMAT_VERSION = 5  # 2: the schedule state; 3: the other scores and the step count; 4: the federated loop's;
+# 5: the experience's anchors (DPO's reference log-probabilities)
 KEYS = ("experience", "next_epoch", "model", "optimizer", "schedule", "strategy", "rng", "R", "initial", "others",
-        "step", "run_id", "federation")  # what :func:`save` writes besides the format
+        "step", "run_id", "federation", "anchors")  # what :func:`save` writes besides the format
 
 
 class CheckpointError(RuntimeError):

@@ -94,6 +94,8 @@ class EngineConfig:
         first_lr: learning rate of the first experience (papers often use a different one); null = ``lr``.
         optimizer: ``sgd``, ``adam``, ``adamw`` or the name of any ``torch.optim`` optimizer (``RMSprop``); a fresh
             optimizer is built for every experience (as GPM's code).
+        first_optimizer: the optimizer of the first experience (e.g. a stand-in's pre-training with Adam before
+            alignment stages under plain SGD); null = ``optimizer``.
         momentum: SGD momentum.
         weight_decay: weight decay (L2 for SGD / Adam, decoupled for AdamW; note: it pulls weights along
             protected subspaces).
@@ -129,6 +131,7 @@ class EngineConfig:
     lr: float = 0.01
     first_lr: float | None = None
     optimizer: str = "sgd"
+    first_optimizer: str | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer_args: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +158,10 @@ class EngineConfig:
             check(value in choices, f"engine.{key}", f"'{value}' is not one of {list(choices)}")
         check(self.optimizer.lower() in OPTIMIZER_ALIASES or _is_torch_optimizer(self.optimizer), "engine.optimizer",
               f"'{self.optimizer}' is neither one of {sorted(OPTIMIZER_ALIASES)} nor a torch.optim optimizer")
+        check(self.first_optimizer is None or self.first_optimizer.lower() in OPTIMIZER_ALIASES
+              or _is_torch_optimizer(self.first_optimizer), "engine.first_optimizer",
+              f"'{self.first_optimizer}' is neither null, one of {sorted(OPTIMIZER_ALIASES)} nor a torch.optim "
+              "optimizer")
         check(self.epochs >= 1, "engine.epochs", f"{self.epochs}; must be >= 1")
         check(self.batch_size >= 1, "engine.batch_size", f"{self.batch_size}; must be >= 1")
         check(self.eval_batch_size >= 1, "engine.eval_batch_size", f"{self.eval_batch_size}; must be >= 1")

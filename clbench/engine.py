@@ -79,13 +79,14 @@ class Engine:
 
     def optimizer(self, params: Iterable[torch.nn.Parameter], experience: int,
                   lr: float | None = None) -> torch.optim.Optimizer:
-        """A fresh ``engine.optimizer`` (GPM's code builds one per task) over ``params``, at ``lr`` (None: the
-        experience's, ``first_lr`` for the first one when set), with ``weight_decay``, SGD's ``momentum`` and
-        ``optimizer_args``."""
+        """A fresh ``engine.optimizer`` (GPM's code builds one per task; ``first_optimizer`` for the first experience
+        when set) over ``params``, at ``lr`` (None: the experience's, ``first_lr`` for the first one when set), with
+        ``weight_decay``, SGD's ``momentum`` and ``optimizer_args``."""
         cfg = self.cfg
         if lr is None:
             lr = cfg.first_lr if experience == 0 and cfg.first_lr is not None else cfg.lr
-        name = OPTIMIZER_ALIASES.get(cfg.optimizer.lower(), cfg.optimizer)
+        kind = cfg.first_optimizer if experience == 0 and cfg.first_optimizer is not None else cfg.optimizer
+        name = OPTIMIZER_ALIASES.get(kind.lower(), kind)
         kwargs = {"lr": lr, "weight_decay": cfg.weight_decay} | ({"momentum": cfg.momentum} if name == "SGD" else {})
         opt = getattr(torch.optim, name)(list(params), **(kwargs | dict(cfg.optimizer_args)))
         return self.fabric.setup_optimizers(opt)

@@ -30,7 +30,7 @@ from clbench.fingerprint import fingerprint, run_params
 from clbench.models import build_model
 from clbench.places import PlaceError, check_writable, run_lock
 from clbench.streams import batch_source, build_stream
-from clbench.streams.batches import needs_collate
+from clbench.streams.batches import BatchSource, TensorBatchSource, needs_collate
 from clbench.tracking import Tracker, TrackingError, check_store, git_sha, package_versions, run_key, sqlite_path
 from strategies import build_strategy
 from strategies.base import Strategy
@@ -253,13 +253,14 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             strategy.evaluate_as(ctx, j)  # a no-op but for task-identity oracles (per_task_ft)
             cells.append(metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
                                                                  generator=ctx.eval_order(_EVAL_KEY, j)),
-                                          fabric.device))
+                                          fabric.device, groups=getattr(spec, "groups", ())))
         strategy.evaluate_as(ctx, None)
         model.train()
         if primary not in cells[0]:
             raise ConfigError(f"benchmark '{spec.name}' ranks by the score '{primary}', which model "
                               f"'{cfg.model.name}' does not give (it gives {sorted(cells[0])})")
-        return {name: np.array([c[name] for c in cells]) for name in cells[0]}
+        names = dict.fromkeys(name for c in cells for name in c)  # a group's score: NaN where it has no samples
+        return {name: np.array([c.get(name, np.nan) for c in cells]) for name in names}
 
     federation = None
     if strategy.federated:  # splits every task over the clients: too many clients is still a config error here
@@ -285,6 +286,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     display = Display(cfg.engine.progress if lead else "silent", cfg.strategy.name, T,
                       cfg.engine.epochs if federation is None else max(federation.rounds))
     last_loss: list[float] = []
+    anchors: dict[str, dict[str, torch.Tensor]] = {}  # the experience's anchors, per split (ContinualModel.anchors)
     ddp_gap: list[float] = []  # several devices: how far a rank's own strategy state was from rank 0's
     owns_loop = strategy.overrides("train_experience")  # its loop cannot restart mid-experience
 
@@ -296,7 +298,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
             "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
-            "others": others, "step": ctx.step, "run_id": tracker.run_id,
+            "others": others, "step": ctx.step, "run_id": tracker.run_id, "anchors": anchors,
             "federation": None if federation is None else federation.state_dict()})
 
     def train_experience(i: int) -> None:
@@ -308,6 +310,12 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
         mid = state is not None and i == start and state["optimizer"] is not None
         ctx.step = state["step"] if mid else 0
+        # what the loss needs from the model as the experience starts (DPO's reference log-probabilities)
+        saved = state["anchors"] if mid else {}
+        anchors.clear()
+        ctx.train_source = _anchored(module, ctx.train_source, cfg.engine.eval_batch_size, "train", saved, anchors)
+        if ctx.valid_source is not None:
+            ctx.valid_source = _anchored(module, ctx.valid_source, cfg.engine.eval_batch_size, "valid", saved, anchors)
         if not mid:
             strategy.before_experience(ctx)
         ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
@@ -390,8 +398,10 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
                 per_exp["ddp/state_gap"] = ddp_gap[0]
             for name, M in others.items():
                 M[i] = row[name]
-                per_exp[f"{name}_exp"] = float(M[i, : i + 1].mean())
-                per_exp |= {f"{name}_task/{j}": M[i, j] for j in range(T)}
+                seen = M[i, : i + 1][~np.isnan(M[i, : i + 1])]
+                if seen.size:
+                    per_exp[f"{name}_exp"] = float(seen.mean())
+                per_exp |= {f"{name}_task/{j}": M[i, j] for j in range(T) if not np.isnan(M[i, j])}
             tracker.log_metrics(per_exp, step=i)
             display.experience(i, last_loss[0] if last_loss else None, per_exp["acc_exp"])
             snapshot(i + 1, 0, with_optimizer=False)
@@ -408,6 +418,23 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     if not lead:
         return RunResult(R=R, initial=b, scores=metrics.summary(R, b), run_id=tracker.run_id, others=others)
     return _finish_print(cfg, R, b, tracker.run_id, others, primary)
+
+
+def _anchored(module: torch.nn.Module, source: BatchSource, batch_size: int, split: str,
+              saved: dict[str, dict[str, torch.Tensor]], into: dict[str, dict[str, torch.Tensor]]) -> BatchSource:
+    """``source`` with the model's :meth:`~clbench.models.base.ContinualModel.anchors` of its samples added to its
+    batches: those in ``saved[split]`` (a resumed experience), else computed now over its batches in order (of
+    ``batch_size``); recorded in ``into[split]`` for the checkpoint. Only dict batches (text) can have anchors."""
+    if not (isinstance(source, TensorBatchSource) and isinstance(source.data, dict)):
+        return source
+    fields = saved.get(split)
+    if fields is None:
+        parts = [module.anchors(batch) for batch in source.batches(batch_size, shuffle=False)]
+        fields = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts and parts[0] else {}
+    if not fields:
+        return source
+    into[split] = fields
+    return source.with_fields(**{k: v.to(source.device) for k, v in fields.items()})
 
 
 def _close_failed(tracker: Tracker, error: BaseException) -> None:

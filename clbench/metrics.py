@@ -6,7 +6,7 @@ including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,15 +86,30 @@ def summary(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(score: Callable[[Any], dict[str, torch.Tensor]], batches: Iterable[Any],
-             device: torch.device) -> dict[str, float]:
+def evaluate(score: Callable[[Any], dict[str, torch.Tensor]], batches: Iterable[Any], device: torch.device,
+             groups: Sequence[str] = ()) -> dict[str, float]:
     """The mean over every sample of ``batches`` of each named per-sample score ``score(batch)`` gives (a model's
     :meth:`~clbench.models.base.ContinualModel.score`: accuracy in %, exact match, loss, ...), accumulated on the
-    device in float64 with torchmetrics."""
+    device in float64 with torchmetrics. With ``groups`` (the stream's group names) and dict batches carrying a
+    ``group`` index per sample, also the mean of each score over each group's samples, as ``<score>.<group>``
+    (only for groups that have samples here)."""
     means: dict[str, MeanMetric] = {}
+
+    def update(name: str, values: torch.Tensor) -> None:
+        if name not in means:
+            means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(device)
+        means[name].update(values.to(torch.float64))
+
     for batch in batches:
-        for name, values in score(batch).items():
-            if name not in means:
-                means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(device)
-            means[name].update(values.to(torch.float64))
+        scores = score(batch)
+        for name, values in scores.items():
+            update(name, values)
+        if groups and isinstance(batch, Mapping) and "group" in batch:
+            index = batch["group"].to(device)
+            for g in index.unique().tolist():
+                if g < 0:
+                    continue
+                rows = index == g
+                for name, values in scores.items():
+                    update(f"{name}.{groups[g]}", values[rows])
     return {name: float(m.compute()) for name, m in means.items()}

@@ -39,6 +39,19 @@ from clbench.fingerprint import fingerprint, fingerprint_params
 
 SPEC_DIR = Path(__file__).resolve().parent / "conf" / "table"
 RUN_FIELDS = ("column", "method", "seed", "config_key", "run_id", "acc", "bwt", "fwt", "forgetting")
+HEADLINE = ("acc", "bwt", "fwt", "forgetting")
+DEFAULT_SCORES = ({"key": "acc", "metric": "acc", "label": "ACC"}, {"key": "bwt", "metric": "bwt", "label": "BWT"})
+
+
+def scores(spec: dict[str, Any]) -> list[dict[str, str]]:
+    """The scores a reproduced cell shows, in order: the spec's ``scores`` (each a ``key``, the MLflow ``metric``
+    whose last value it takes and a ``label``), else ACC / BWT."""
+    return list(spec.get("scores") or DEFAULT_SCORES)
+
+
+def run_fields(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The columns of a table's runs CSV: :data:`RUN_FIELDS` and the spec's other scores."""
+    return RUN_FIELDS + tuple(s["key"] for s in scores(spec) if s["key"] not in RUN_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -119,9 +132,10 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
                 continue
             m = r.data.metrics
             clients[r.info.run_id] = client
+            extra = {sc["key"]: round(m.get(sc["metric"], math.nan), 4) for sc in scores(spec)}
             found.append((r.info.start_time, {
                 "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
-                "run_id": r.info.run_id, **{k: round(m[k], 4) for k in ("acc", "bwt", "fwt", "forgetting")}}))
+                "run_id": r.info.run_id, **{k: round(m[k], 4) for k in HEADLINE}, **extra}))
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     for _, row in sorted(found, key=lambda f: f[0], reverse=True):  # the latest run of a cell and seed counts
         rows.setdefault((row["method"], row["column"], row["seed"]), row)
@@ -135,17 +149,19 @@ def _order(spec: dict[str, Any], method: str, column: str) -> tuple[int, int]:
     return methods.index(method), columns.index(column)
 
 
-def write_runs_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_runs_csv(rows: list[dict[str, Any]], path: Path, spec: dict[str, Any] | None = None) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RUN_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=run_fields(spec or {}), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     path.write_text(buf.getvalue())
 
 
 def read_runs_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a runs CSV: every column but the cell's names, seed and run id is a score (a float)."""
+    text = {"column", "method", "config_key", "run_id"}
     with path.open() as f:
-        return [{**r, "seed": int(r["seed"]), **{k: float(r[k]) for k in ("acc", "bwt", "fwt", "forgetting")}}
+        return [{**r, "seed": int(r["seed"]), **{k: float(v) for k, v in r.items() if k not in text | {"seed"}}}
                 for r in csv.DictReader(f)]
 
 
@@ -174,15 +190,16 @@ def _fmt(mean: float | None, std: float | None) -> str:
 
 
 def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (method, column): reproduced ACC/BWT mean ± std over seeds, and the published values."""
+    """Per (method, column): each of the spec's :func:`scores` as mean ± std over seeds, and the published
+    values."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for m in spec["methods"]:
         for col in spec["columns"]:
             key = (m["key"], col["key"])
             mine = [r for r in runs if (r["method"], r["column"]) == key]
             entry: dict[str, Any] = {"n": len(mine), "seeds": sorted(r["seed"] for r in mine)}
-            for score in ("acc", "bwt"):
-                entry[score] = _mean_std([r[score] for r in mine]) if mine else None
+            for score in scores(spec):
+                entry[score["key"]] = _mean_std([r[score["key"]] for r in mine]) if mine else None
             pub = (m.get("published") or {}).get(col.get("stands_in_for") or col["key"])
             entry["published"] = None if pub is None else {
                 "acc": pub[0], "acc_std": pub[1], "bwt": pub[2], "bwt_std": pub[3], "source": pub[4]}
@@ -228,10 +245,11 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
                 row.append(_published(e["published"]))
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
-                row.append(f"{_fmt(*e['acc'])} / {_fmt(*e['bwt'])} (n={e['n']})" if e["n"] else
-                           "not run yet" if planned else "–")
+                shown = " / ".join(_fmt(*e[sc["key"]]) for sc in scores(spec)) if e["n"] else ""
+                row.append(f"{shown} (n={e['n']})" if e["n"] else "not run yet" if planned else "–")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Cells: ACC / BWT in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
+    labels = " / ".join(sc["label"] for sc in scores(spec))
+    lines += ["", f"Cells: {labels} in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
     lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
     lines += [f"- {c['title']}: no offline stand-in run yet" for c in cols
               if not c["stand_in"] and c["overrides"] is None and not c.get("derived")]
@@ -249,18 +267,20 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
 
 
 def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """One line per published and per reproduced cell; a published value fills the first two scores' places."""
+    keys = [sc["key"] for sc in scores(spec)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "column", "kind", "acc", "acc_std", "bwt", "bwt_std", "n", "source"])
+    w.writerow(["method", "column", "kind", *(f for k in keys for f in (k, f"{k}_std")), "n", "source"])
     for m in spec["methods"]:
         for c in spec["columns"]:
             e = agg[(m["key"], c["key"])]
             if (p := e["published"]) is not None and not c.get("stands_in_for"):
-                w.writerow([m["key"], c["key"], "published", p["acc"], p["acc_std"], p["bwt"], p["bwt_std"], "",
-                            p["source"]])
+                values = [p["acc"], p["acc_std"], p["bwt"], p["bwt_std"]] + [""] * (2 * len(keys) - 4)
+                w.writerow([m["key"], c["key"], "published", *values[: 2 * len(keys)], "", p["source"]])
             if e["n"]:
-                w.writerow([m["key"], c["key"], "reproduced", f"{e['acc'][0]:.4f}", _csv_num(e["acc"][1]),
-                            f"{e['bwt'][0]:.4f}", _csv_num(e["bwt"][1]), e["n"],
+                values = [v for k in keys for v in (f"{e[k][0]:.4f}", _csv_num(e[k][1]))]
+                w.writerow([m["key"], c["key"], "reproduced", *values, e["n"],
                             c["stand_in"].split(":")[0] if c["stand_in"] else "clbench"])
     return buf.getvalue()
 
@@ -276,8 +296,9 @@ def render_manifest(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
         if e["published"] is not None:
             entry["published"] = {k: e["published"][k] for k in ("acc", "bwt", "source")}
         entry["reproduced"] = None if not e["n"] else {
-            "acc": round(e["acc"][0], 2), "acc_std": _round(e["acc"][1], 2), "bwt": round(e["bwt"][0], 2),
-            "bwt_std": _round(e["bwt"][1], 2), "seeds": e["seeds"]}
+            **{k: v for sc in scores(spec) for k, v in ((sc["key"], round(e[sc["key"]][0], 2)),
+                                                        (f"{sc['key']}_std", _round(e[sc["key"]][1], 2)))},
+            "seeds": e["seeds"]}
         entries.append(entry)
     manifest = dict(existing or {})
     manifest[spec["name"]] = {"table": f"results/{spec['name']}_table.md", "cells": entries}
@@ -439,7 +460,7 @@ def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None,
                   "prints the commands")
             return 1
         out.mkdir(parents=True, exist_ok=True)
-        write_runs_csv(runs, out / f"{name}_runs.csv")
+        write_runs_csv(runs, out / f"{name}_runs.csv", spec)
     paths = write_tables(spec, runs, out)
     if clients is not None:
         paths += write_figures(spec, runs, clients, out)

@@ -10,10 +10,11 @@ per-coordinate scaling breaks that guarantee, as ogpsa.md §10 notes). The refer
 
 **Reference sets** are named datasets of the stream (``Stream.references``): ``ref_sets`` names them, and the
 first ``ref_samples`` samples of each (in their order, as the code takes them) give that set's mean gradient: the
-mean over batches of the training batch size of each batch's mean loss (``model.loss``: the answer-token
-cross-entropy of a language model), taken with ``torch.autograd.grad`` in train mode, so the ``.grad`` buffers,
-the parameters and the optimizer state are untouched, and with the random state forked, so a build draws none of
-the training's random numbers.
+mean over batches of the training batch size of each batch's mean loss (``model.likelihood_loss``: the
+answer-token cross-entropy of a language model; of a preference set, over the chosen and the rejected answers,
+the code's reference objective of its DPO stage), taken with ``torch.autograd.grad`` in train mode, so the
+``.grad`` buffers, the parameters and the optimizer state are untouched, and with the random state forked, so a
+build draws none of the training's random numbers.
 
 **Refresh**: the bases are built at the start of each experience (step 0, at the experience's starting θ: a new
 stage builds fresh bases, nothing carried over) and again after every ``refresh_every`` optimizer steps (at steps
@@ -191,7 +192,7 @@ class OGPSA(Strategy):
                 mean = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
                 loss_sum = 0.0
                 for batch in batches:
-                    loss = ctx.module.loss(batch)
+                    loss = ctx.module.likelihood_loss(batch)
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                     loss_sum += float(loss.detach())
                     row = {n: torch.zeros_like(mean[n]) if g is None else g.float()  # unused by the loss: 0

@@ -14,6 +14,7 @@ from torch import nn
 from clbench.config import ConfigError, EngineConfig, StrategyConfig
 from clbench.context import Context
 from clbench.engine import Engine
+from clbench.models.base import ContinualModel
 from clbench.streams.batches import TensorBatchSource
 from clbench.subspace.reference import gram_schmidt_rows, project_gradients, reference_basis
 from strategies.base import Strategy
@@ -119,8 +120,9 @@ def test_threshold_mode_is_not_linear():
 # ------------------------------------------------------------------------------------------------- first order
 
 
-class _Net(nn.Module):
-    """A small nonlinear regressor with a frozen tensor; ``loss`` as clbench's models have it."""
+class _Net(ContinualModel):
+    """A small nonlinear regressor with a frozen tensor; ``loss`` as clbench's models have it (its likelihood
+    loss is the same)."""
 
     def __init__(self) -> None:
         super().__init__()

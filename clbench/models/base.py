@@ -64,6 +64,19 @@ class ContinualModel(nn.Module):
         generator. The stream names the primary one, which fills the matrix R."""
         raise NotImplementedError
 
+    def likelihood_loss(self, batch: Batch) -> torch.Tensor:
+        """The plain likelihood objective of the batch (the cross-entropy of its targets), whatever objective
+        :meth:`loss` trains (a language model's preference batch: DPO there, the NLL of both answers here): the
+        reference loss of OGPSA. Default: :meth:`loss`."""
+        return self.loss(batch)
+
+    def anchors(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample tensors (first dimension the batch's) that the loss needs from the model *as it is when an
+        experience starts*, computed then, once, and added to the experience's training (and validation) batches
+        under these keys; kept in the checkpoint, so a resumed experience reads them, not recomputes them. A
+        language model's preference batch: DPO's reference log-probabilities. Default: none."""
+        return {}
+
     def outputs(self, batch: Batch) -> Any:
         """The forward pass of the batch (logits); the subspace methods run it for the layer inputs it shows
         their hooks."""

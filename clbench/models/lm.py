@@ -7,6 +7,12 @@ slice it gets. The training loss is the mean cross-entropy over answer tokens on
 prompt is context, never a target); scores are per-sample exact match of the greedy answer (olora.md's metric) and
 the mean answer-token NLL.
 
+Preference samples (``.prompt``, ``.chosen``, ``.rejected``: ``clbench.streams.text.PreferenceSample``) train with
+the sigmoid DPO loss (Rafailov et al. 2023) against a frozen reference π_ref whose log-probabilities the loop
+computes once, as the preference experience starts (:meth:`LanguageModel.anchors`): π_ref is the model at the
+stage's start (``model.dpo_reference=stage_start``) or with its adapters disabled (``base``), exactly as a frozen
+copy would give them, without keeping one.
+
 Layout of one sample, with the tokenizer's own special tokens around the prompt (``[CLS]`` for BERT WordPiece,
 ``<s>`` for LLaMA-2, nothing for SmolLM2; T5 adds ``</s>`` after an encoder input):
 
@@ -59,6 +65,9 @@ IGNORE = -100
 FAMILIES = (CAUSAL, SEQ2SEQ)
 ADAPTERS = ("lora", "none")
 TRUNCATIONS = ("left", "refuse")
+DPO_REFERENCES = ("stage_start", "base")
+REJECTED = "rejected_"
+"""Prefix of a preference batch's tensors of the rejected answers (the chosen ones have the plain keys)."""
 TINY = {CAUSAL: "tiny-llama", SEQ2SEQ: "tiny-t5"}
 
 
@@ -88,6 +97,11 @@ class LMConfig(ModelConfig):
             max source / target lengths 512 / 50. null: ``max_length`` bounds encoder + decoder together.
         max_new_tokens: greedy decoding limit when scoring (olora.md: 50).
         truncation: ``left``: a longer sample loses the start of its prompt (counted); ``refuse``: raise.
+        dpo_beta: β of the DPO loss on preference experiences (Rafailov et al. 2023; their and TRL's default 0.1;
+            OGPSA's code 0.2).
+        dpo_reference: DPO's frozen reference model π_ref: ``stage_start`` (the model as the preference experience
+            starts, i.e. the stage's initialisation, as OGPSA's code and the DPO paper take it) or ``base`` (the
+            model with its LoRA adapters disabled, TRL's choice for a peft model; needs ``adapter=lora``).
         download: allow downloading ``pretrained`` / ``tokenizer`` from the Hugging Face Hub when not cached
             (never while ``HF_HUB_OFFLINE`` is set); false: a missing model fails at once.
     """
@@ -104,6 +118,8 @@ class LMConfig(ModelConfig):
     max_answer_length: int | None = None
     max_new_tokens: int = 50
     truncation: str = "left"
+    dpo_beta: float = 0.1
+    dpo_reference: str = "stage_start"
     download: bool = False
 
     def validate(self) -> None:
@@ -132,6 +148,12 @@ class LMConfig(ModelConfig):
                f"{self.max_answer_length}; must be >= 2 (an answer token and the end token) or null")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"{self.max_new_tokens}; must be >= 1")
         _check(self.truncation in TRUNCATIONS, "truncation", f"'{self.truncation}' is not one of {list(TRUNCATIONS)}")
+        _check(self.dpo_beta > 0, "dpo_beta", f"{self.dpo_beta}; must be > 0 (DPO's β, e.g. 0.1)")
+        _check(self.dpo_reference in DPO_REFERENCES, "dpo_reference",
+               f"'{self.dpo_reference}' is not one of {list(DPO_REFERENCES)}")
+        _check(self.dpo_reference != "base" or self.adapter == "lora", "dpo_reference",
+               "'base' is the model with its LoRA adapters disabled, which needs model.adapter=lora; use stage_start "
+               "for full fine-tuning")
 
     def missing_files(self) -> str | None:
         """A Hugging Face model (not a built-in) that is neither a folder nor in the Hub cache, when it may not
@@ -205,6 +227,20 @@ def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch
     return out
 
 
+def _cat_padded(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    """The rows of ``a`` then those of ``b`` (both right-padded), the narrower padded with ``value`` on the right."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in (a, b)])
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A prompt with one answer (the rejected half of a preference pair, for :meth:`LanguageModel._collate`)."""
+
+    prompt: str
+    answer: str
+
+
 def _mask(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
     """The attention mask of ``rows`` padded as :func:`_pad` pads them: 1 on tokens, 0 on padding."""
     return _pad([[1] * len(r) for r in rows], 0, left)
@@ -225,10 +261,12 @@ class LanguageModel(LoraAdapters, ContinualModel):
             per task reuse it), or None for full fine-tuning.
         targets: the short names of the Linear modules LoRA wraps (or would wrap, for ``adapter=none``).
         truncated: how many samples the last :meth:`collate` call truncated.
+        refusal: the stream's refusal answer (:attr:`clbench.streams.text.TextStreamSpec.refusal`), scored as
+            ``refused``; None: not scored.
     """
 
     def __init__(self, lm: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: LMConfig, targets: list[str],
-                 lora_config: LoraConfig | None) -> None:
+                 lora_config: LoraConfig | None, refusal: str | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
@@ -255,6 +293,9 @@ class LanguageModel(LoraAdapters, ContinualModel):
         scaled = any(getattr(base.config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping",
                                                                                    "logit_scale"))
         self._plain_head = self._keeps_logits and not scaled and not self.seq2seq
+        self.dpo_beta = cfg.dpo_beta
+        self.dpo_base_reference = cfg.dpo_reference == "base"
+        self.refusal = refusal
 
     def base_model(self) -> PreTrainedModel:
         """The Hugging Face model inside the peft wrapper (its LoRA layers injected in place)."""
@@ -269,10 +310,32 @@ class LanguageModel(LoraAdapters, ContinualModel):
         generation) and ``answer_ids`` (the answer, ``-100``-padded, the exact-match reference). Seq2seq:
         ``input_ids`` / ``attention_mask`` (the encoder's prompt) and ``labels`` (answer + end, ``-100``-padded).
 
+        Preference samples (with ``.chosen`` and ``.rejected``, whose ``.answer`` is the chosen one): the tensors of
+        the chosen answers under the keys above, and those of the rejected answers under ``rejected_labels`` and,
+        causal, ``rejected_input_ids`` / ``rejected_attention_mask``. Samples with a ``.group`` >= 0 add ``group``
+        (int64), the index of each sample's group.
+
         Raises:
             ValueError: with ``truncation=refuse``, samples longer than ``max_length`` (their count and the limit);
-                always, a sample whose answer alone leaves no room for a prompt token.
+                always, a sample whose answer alone leaves no room for a prompt token, or preference samples mixed
+                with plain ones.
         """
+        preference = [hasattr(s, "rejected") for s in samples]
+        if any(preference) and not all(preference):
+            raise ValueError(f"{sum(preference)} of {len(samples)} samples are preference pairs (chosen, rejected) "
+                             "and the others are not; an experience is all one or all the other")
+        out = self._collate(samples)
+        if all(preference) and samples:
+            rejected = self._collate([_Answered(s.prompt, s.rejected) for s in samples])
+            keys = ("labels",) if self.seq2seq else ("input_ids", "attention_mask", "labels")
+            out |= {REJECTED + k: rejected[k] for k in keys}
+        groups = [getattr(s, "group", -1) for s in samples]
+        if any(g >= 0 for g in groups):
+            out["group"] = torch.tensor(groups, dtype=torch.int64)
+        return out
+
+    def _collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """:meth:`collate` of the prompts and ``.answer`` of ``samples``."""
         prompts, answers = self._encode(samples)
         targets = [[*a, self.end_id] for a in answers]
         if self.seq2seq:
@@ -323,19 +386,87 @@ class LanguageModel(LoraAdapters, ContinualModel):
 
     # ---------------------------------------------------------------------------------------- loss and scores
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the batch's answer tokens (the end token included), a scalar with a graph."""
+        """The training loss, a scalar with a graph: the mean cross-entropy over the batch's answer tokens (the
+        end token included); for a preference batch the DPO loss (:meth:`dpo_loss`)."""
+        if REJECTED + "labels" in batch:
+            return self.dpo_loss(batch)
         nll, valid = self._answer_nll(batch)
         return nll.sum() / valid.sum()
+
+    def likelihood_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mean answer-token cross-entropy whatever the objective: of a preference batch over the chosen and
+        the rejected answers together (OGPSA's reference objective for its DPO stage, ogpsa.md §2)."""
+        if REJECTED + "labels" not in batch:
+            return self.loss(batch)
+        nll, valid = self._answer_nll(self._pairs(batch))
+        return nll.sum() / valid.sum()
+
+    def pair_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log π(y|x) summed over the answer tokens (end token included) of the chosen and the rejected answer of
+        every pair of a preference batch, ``(n, 2)``, from one forward pass over the 2n sequences."""
+        nll, _ = self._answer_nll(self._pairs(batch))
+        return -nll.sum(1).view(2, -1).T
+
+    def dpo_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The sigmoid DPO loss (Rafailov et al. 2023, Eq. 7) of a preference batch,
+
+            L = −mean log σ(β [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]),
+
+        with π_ref's log-probabilities read from the batch's ``ref_logp`` (:meth:`anchors`).
+
+        Raises:
+            KeyError: the batch has no ``ref_logp`` (it was not prepared with :meth:`anchors`).
+        """
+        if "ref_logp" not in batch:
+            raise KeyError("a preference batch needs its reference log-probabilities 'ref_logp' (LanguageModel."
+                           "anchors, which the loop adds at the start of a preference experience)")
+        margin = self.pair_logps(batch) - batch["ref_logp"]
+        return -F.logsigmoid(self.dpo_beta * (margin[:, 0] - margin[:, 1])).mean()
+
+    @torch.no_grad()
+    def anchors(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For a preference batch, ``ref_logp``: :meth:`pair_logps` under DPO's frozen reference π_ref, in eval
+        mode: the model as it is now (``dpo_reference=stage_start``; the loop calls this as the experience starts,
+        so no copy of the model is kept) or with its adapters disabled (``base``). Nothing for other batches."""
+        if REJECTED + "labels" not in batch:
+            return {}
+        training = self.training
+        self.eval()
+        try:
+            if self.dpo_base_reference:
+                with self.lm.disable_adapter():
+                    logp = self.pair_logps(batch)
+            else:
+                logp = self.pair_logps(batch)
+        finally:
+            self.train(training)
+        return {"ref_logp": logp.float()}
+
+    def _pairs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The 2n teacher-forced sequences of a preference batch: the n chosen, then the n rejected, padded to a
+        common width."""
+        labels = _cat_padded(batch["labels"], batch[REJECTED + "labels"], IGNORE)
+        if self.seq2seq:
+            return {"input_ids": batch["input_ids"].repeat(2, 1),
+                    "attention_mask": batch["attention_mask"].repeat(2, 1), "labels": labels}
+        return {"input_ids": _cat_padded(batch["input_ids"], batch[REJECTED + "input_ids"], self.pad_id),
+                "attention_mask": _cat_padded(batch["attention_mask"], batch[REJECTED + "attention_mask"], 0),
+                "labels": labels}
 
     @torch.no_grad()
     def score(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per sample (float64, ``(n,)``): ``exact_match`` (100 or 0) of the greedy answer against the reference,
-        after :func:`~clbench.models.generation.normalize_answer`; ``loss``, the mean NLL of its answer tokens."""
+        after :func:`~clbench.models.generation.normalize_answer`; ``loss``, the mean NLL of its answer tokens;
+        with a :attr:`refusal` answer, ``refused`` (100 when the greedy answer is it). A preference batch is scored
+        on its chosen answers."""
         nll, valid = self._answer_nll(batch)
         loss = (nll.sum(1) / valid.sum(1)).to(torch.float64)
         references = decode_answers(self.tokenizer, batch["labels" if self.seq2seq else "answer_ids"], self.stop_ids)
-        em = exact_match(self.predict(batch), references)
-        return {"exact_match": em.to(loss.device), "loss": loss}
+        predictions = self.predict(batch)
+        out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss}
+        if self.refusal is not None:
+            out["refused"] = exact_match(predictions, [self.refusal] * len(predictions)).to(loss.device)
+        return out
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> list[str]:
@@ -444,7 +575,8 @@ class LanguageModel(LoraAdapters, ContinualModel):
 def build_lm(cfg: LMConfig, spec: StreamSpec | None = None) -> LanguageModel:
     """The language model of ``cfg``: tokenizer and model from disk (:mod:`clbench.models.hf_loading`), wrapped
     with a LoRA adapter named ``default`` when ``cfg.adapter == "lora"`` (only its parameters train; B = 0, so the
-    function is the base model's). ``spec``, the stream's, is not needed: an LM reads any text stream.
+    function is the base model's). An LM reads any text stream; from ``spec`` it takes only the stream's refusal
+    answer, if any (scored as ``refused``).
 
     Raises:
         ConfigError: a bad ``cfg`` value.
@@ -470,7 +602,7 @@ def build_lm(cfg: LMConfig, spec: StreamSpec | None = None) -> LanguageModel:
         with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 method deprecated for v6
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             lm = get_peft_model(lm, lora)
-    return LanguageModel(lm, tokenizer, cfg, targets, lora)
+    return LanguageModel(lm, tokenizer, cfg, targets, lora, refusal=getattr(spec, "refusal", None))
 
 
 __all__ = ["IGNORE", "LMConfig", "LanguageModel", "build_lm", "linear_module_names", "lora_targets", "special_affixes"]

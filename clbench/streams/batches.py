@@ -167,6 +167,21 @@ class TensorBatchSource(BatchSource):
         """The cached tensors themselves (read-only)."""
         return self.data
 
+    def with_fields(self, **named: Tensor) -> TensorBatchSource:
+        """A source of the same samples with the tensors ``named`` (one row per sample, on this device) added to
+        every batch (a dict batch only).
+
+        Raises:
+            ValueError: a tuple batch, a key it already has, or a tensor with another number of rows.
+        """
+        if self._keys is None:
+            raise ValueError("only a dict batch takes named fields")
+        clash = sorted(set(named) & set(self._keys))
+        if clash:
+            raise ValueError(f"the batches already have the fields {clash}")
+        assert isinstance(self.data, Mapping)
+        return TensorBatchSource(**self.data, **named)
+
 
 class LoaderBatchSource(BatchSource):
     """A dataset too large for the cache, read through a DataLoader batch by batch."""

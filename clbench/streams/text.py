@@ -65,11 +65,38 @@ class TextSample:
         prompt: everything shown to the model (prefix, instruction, options, input, ``Answer:``).
         answer: the target text (the label word).
         task: the index of the sample's experience.
+        group: the sample's index in its stream's :attr:`TextStreamSpec.groups` (-1: none), for scores per group.
     """
 
     prompt: str
     answer: str
     task: int
+    group: int = -1
+
+
+@dataclass(frozen=True)
+class PreferenceSample:
+    """One training sample of a preference experience (DPO): a prompt, the answer preferred and the answer
+    rejected. Its ``answer`` is the chosen one (what a likelihood objective would train on).
+
+    Attributes:
+        prompt: everything shown to the model.
+        chosen: the preferred answer y_w.
+        rejected: the dispreferred answer y_l.
+        task: the index of the sample's experience.
+        group: as :attr:`TextSample.group`.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    task: int
+    group: int = -1
+
+    @property
+    def answer(self) -> str:
+        """The chosen answer."""
+        return self.chosen
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,10 @@ class TextStreamSpec:
         task_names: the data set of each task, in stream order.
         label_words: per task, its label words (empty for a task that is not classification).
         primary_score: the per-sample score that fills the accuracy matrix (``exact_match``, 0 or 100).
+        groups: names of the sample groups (:attr:`TextSample.group` indexes them); every score is also averaged
+            per group present in a test experience, as ``<score>.<group>``.
+        refusal: the stream's refusal answer, if it has one: a language model then also scores ``refused`` (100
+            when its greedy answer is this text, after normalisation), e.g. ``refused.benign`` = over-refusal.
     """
 
     name: str
@@ -89,10 +120,11 @@ class TextStreamSpec:
     task_names: tuple[str, ...]
     label_words: tuple[tuple[str, ...], ...]
     primary_score: str = "exact_match"
+    groups: tuple[str, ...] = ()
+    refusal: str | None = None
 
 
-STREAM_TASKS = {"keyword_topics": src.MAX_KEYWORD_TASKS, "offline_text": 4, "olora_standard": 4, "olora_long": 15,
-                "safety_toy": 2}
+STREAM_TASKS = {"keyword_topics": src.MAX_KEYWORD_TASKS, "offline_text": 4, "olora_standard": 4, "olora_long": 15}
 """Registered text stream -> most tasks it has (``n_tasks`` takes the first ``n_tasks`` of them)."""
 
 STREAM_ORDERS = {"olora_standard": (1, 2, 3), "olora_long": (4, 5, 6)}
@@ -180,13 +212,14 @@ def truncate_words(text: str, max_words: int) -> str:
 
 
 class TextSamples(Dataset):
-    """The samples of one task split, with their label indices (for the stratified validation split).
+    """The samples of one task split (:class:`TextSample` or :class:`PreferenceSample`), with their label indices
+    (for the stratified validation split).
 
     ``labels[k]`` is the position of sample ``k``'s answer among the task's label words, or their count for an
     answer outside them (MNLI's ``-``).
     """
 
-    def __init__(self, samples: Sequence[TextSample], labels: Tensor) -> None:
+    def __init__(self, samples: Sequence[TextSample | PreferenceSample], labels: Tensor) -> None:
         """Hold ``samples`` and their int64 ``labels`` (same length)."""
         if len(samples) != labels.numel():
             raise ValueError(f"{len(samples)} samples but {labels.numel()} labels")
@@ -197,7 +230,7 @@ class TextSamples(Dataset):
         """Number of samples."""
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> TextSample:
+    def __getitem__(self, i: int) -> TextSample | PreferenceSample:
         """Sample ``i``."""
         return self.samples[i]
 
@@ -216,7 +249,7 @@ def task_samples(examples: Sequence[Example], fmt: TaskFormat, task: int, prefix
     return TextSamples(samples, labels)
 
 
-def _listed(samples: list[TextSample]) -> list[TextSample]:
+def _listed(samples: list[TextSample | PreferenceSample]) -> list[TextSample | PreferenceSample]:
     """Collate function of the text datasets: the batch stays a list of :class:`TextSample`."""
     return list(samples)
 
