@@ -445,6 +445,41 @@ def write_figures(spec: dict[str, Any], runs: list[dict[str, Any]], clients: dic
     return written
 
 
+def write_scatter(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    """The spec's ``scatter: {x: <score key>, y: <score key>}``: one panel per stand-in column, each method at its
+    mean (x, y) over seeds with ± std bars (OGPSA's general-vs-safety figure). Nothing without ``scatter``."""
+    if not spec.get("scatter"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = spec["scatter"]["x"], spec["scatter"]["y"]
+    label = {sc["key"]: sc["label"].split(" (")[0] for sc in scores(spec)}
+    agg = aggregate(spec, runs)
+    columns = [c for c in spec["columns"] if any(agg[(m["key"], c["key"])]["n"] for m in spec["methods"])]
+    if not columns:
+        return []
+    fig, axes = _grid(plt, len(columns), 3.4, 3.0, sharex=True, sharey=True)
+    for ax, col in zip(axes, columns, strict=True):
+        for m in spec["methods"]:
+            e = agg[(m["key"], col["key"])]
+            if not e["n"]:
+                continue
+            (mx, sx), (my, sy) = e[x], e[y]
+            ax.errorbar(mx, my, xerr=sx or 0, yerr=sy or 0, fmt="o", ms=4, capsize=2, label=m["label"].split(" (")[0])
+        ax.set_title(col["title"], fontsize=7)
+        ax.set_xlabel(f"{label[x]} (%)", fontsize=7)
+        ax.set_ylabel(f"{label[y]} (%)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    return [_save(fig, f"{spec['title'].split(':')[0]}: {label[y]} vs {label[x]}, mean ± std over seeds",
+                  str(figdir / f"{spec['name']}_scatter"))]
+
+
 def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None, commands: bool) -> int:
     spec = load_spec(name) | {"name": name}
     if commands:
@@ -461,7 +496,7 @@ def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None,
             return 1
         out.mkdir(parents=True, exist_ok=True)
         write_runs_csv(runs, out / f"{name}_runs.csv", spec)
-    paths = write_tables(spec, runs, out)
+    paths = write_tables(spec, runs, out) + write_scatter(spec, runs, out)
     if clients is not None:
         paths += write_figures(spec, runs, clients, out)
     print("wrote " + ", ".join(map(str, paths)))

@@ -59,7 +59,9 @@ class OGPSAConfig(StrategyConfig):
             and 1 in its DPO stage, and drops more silently; here any number spans the subspace (``threshold``
             mode takes exactly one).
         ref_samples: the first samples of each set that its mean gradient is taken over (code: 200).
-        refresh_every: K, optimizer steps between builds of the bases (code: 30 for SFT, 5 for DPO).
+        refresh_every: K, optimizer steps between builds of the bases (code: 30 for SFT, 5 for DPO): one value for
+            every experience, or one per experience (SFT→DPO at the code's values: ``[30, 5]``, or ``[30, 30, 5]``
+            after a stand-in's pre-training); a list of another length than the stream is refused.
         mode: ``orthogonal`` (code: g − UᵀUg), ``plane`` (UᵀUg), ``threshold`` (one set: remove u only where
             ⟨g, u⟩ < 0, else scale g by ``scale``), ``none`` (no projection, no builds: the plain run).
         granularity: ``per_tensor`` (code: a basis per trainable tensor) or ``global`` (one of all of them).
@@ -74,7 +76,7 @@ class OGPSAConfig(StrategyConfig):
 
     ref_sets: list[str] = field(default_factory=list)
     ref_samples: int = 200
-    refresh_every: int = 30
+    refresh_every: Any = 30
     mode: str = "orthogonal"
     granularity: str = "per_tensor"
     basis: str = "mean"
@@ -91,8 +93,7 @@ class OGPSAConfig(StrategyConfig):
               f"{self.ref_sets}; mode 'threshold' projects off one reference direction: name exactly one set")
         check(isinstance(self.ref_samples, int) and self.ref_samples >= 1, "strategy.ref_samples",
               f"{self.ref_samples}; must be an integer >= 1")
-        check(isinstance(self.refresh_every, int) and self.refresh_every >= 1, "strategy.refresh_every",
-              f"{self.refresh_every}; must be an integer >= 1 (optimizer steps between builds of the bases)")
+        _refresh_steps(self.refresh_every)
         check(self.granularity in GRANULARITIES, "strategy.granularity",
               f"'{self.granularity}'; one of {list(GRANULARITIES)}")
         check(self.basis in BASES, "strategy.basis", f"'{self.basis}'; one of {list(BASES)}")
@@ -100,6 +101,18 @@ class OGPSAConfig(StrategyConfig):
         check(self.scale >= 0, "strategy.scale", f"{self.scale}; must be >= 0")
         check(isinstance(self.project_from, int) and self.project_from >= 0, "strategy.project_from",
               f"{self.project_from}; must be an experience index >= 0")
+
+
+def _refresh_steps(value: Any) -> list[int]:
+    """``strategy.refresh_every`` as a list (one value, or one per experience).
+
+    Raises:
+        ConfigError: a value that is not an integer >= 1, or an empty list.
+    """
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    check(len(values) >= 1 and all(type(v) is int and v >= 1 for v in values), "strategy.refresh_every",
+          f"{value}; give an integer >= 1 (optimizer steps between builds of the bases), or one per experience")
+    return values
 
 
 def _first(source: BatchSource, n: int, batch_size: int) -> Iterator[Batch]:
@@ -135,10 +148,15 @@ class OGPSA(Strategy):
         self._stats: dict[str, Any] = _fresh_stats()
         self._device_sums: list[torch.Tensor] = []  # per step (‖g‖², ‖UᵀUg‖²), read once per experience
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._every: list[int] = []  # K of each experience
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def setup(self, ctx: Context) -> None:
+        steps, T = _refresh_steps(self.cfg.refresh_every), ctx.n_experiences
+        check(len(steps) in (1, T), "strategy.refresh_every",
+              f"{len(steps)} values for {T} experiences; give one value, or one per experience")
+        self._every = steps * T if len(steps) == 1 else steps
         if self.cfg.mode == "none":
             return
         available = getattr(ctx.stream, "references", {})
@@ -170,7 +188,7 @@ class OGPSA(Strategy):
     def project(self, ctx: Context) -> None:
         if not self._active(ctx):
             return
-        if self.steps % self.cfg.refresh_every == 0 and self.built_at != self.steps:
+        if self.steps % self._every[ctx.experience] == 0 and self.built_at != self.steps:
             with torch.enable_grad():
                 self.build(ctx)
         grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}

@@ -199,8 +199,8 @@ def test_under_adam_the_guarantee_does_not_hold():
 # ---------------------------------------------------------------------------------------------- the strategy
 
 
-def _ctx(net: _Net, refs: dict[str, TensorBatchSource], batch_size: int = 4) -> Context:
-    stream = SimpleNamespace(references=refs, spec=SimpleNamespace(name="toy", n_tasks=1))
+def _ctx(net: _Net, refs: dict[str, TensorBatchSource], batch_size: int = 4, n_tasks: int = 1) -> Context:
+    stream = SimpleNamespace(references=refs, spec=SimpleNamespace(name="toy", n_tasks=n_tasks))
     return Context(model=net, module=net, fabric=Fabric(accelerator="cpu", devices=1), stream=stream,  # type: ignore[arg-type]
                    seed=0, batch_size=batch_size, sources=lambda source: source,
                    train_source=TensorBatchSource(*_data(1, n=40)))
@@ -230,9 +230,10 @@ class _Recording(OGPSA):
                                                    p.grad.norm().clamp_min(1e-30)))
 
 
-def _fit(strategy: Strategy, epochs: int = 1, **engine: object) -> _Net:
+def _fit(strategy: Strategy, epochs: int = 1, experience: int = 0, **engine: object) -> _Net:
     net = _Net()
-    ctx = _ctx(net, _refs())
+    ctx = _ctx(net, _refs(), n_tasks=experience + 1)
+    ctx.experience = experience
     cfg = EngineConfig(epochs=epochs, batch_size=4, lr=0.05, **engine)  # type: ignore[arg-type]
     eng = Engine(cfg, ctx.fabric)
     strategy.setup(ctx)
@@ -253,6 +254,16 @@ def test_bases_are_rebuilt_every_k_steps_and_every_applied_gradient_is_orthogona
     steps = strategy.steps
     assert strategy.builds == list(range(0, steps, 3)) and steps >= 5
     assert strategy.worst <= 1e-6
+
+
+def test_refresh_every_may_give_one_k_per_experience():
+    """SFT→DPO at the code's values: K = 5 in the second stage."""
+    strategy = _Recording(OGPSAConfig(name="ogpsa", ref_sets=["shifted"], refresh_every=[30, 5], ref_samples=12))
+    _fit(strategy, epochs=2, experience=1)
+    assert strategy.builds == list(range(0, strategy.steps, 5)) and strategy.steps > 10
+    with pytest.raises(ConfigError, match=r"strategy\.refresh_every.*3 values for 2 experiences"):
+        OGPSA(OGPSAConfig(name="ogpsa", ref_sets=["shifted"], refresh_every=[30, 5, 5])).setup(
+            _ctx(_Net(), _refs(), n_tasks=2))
 
 
 def test_a_build_leaves_parameters_gradients_optimizer_and_random_state_untouched():
@@ -309,6 +320,9 @@ def test_mode_none_is_the_plain_run_bit_for_bit():
     ({"ref_sets": ["a", "a"]}, "strategy.ref_sets"),
     ({"ref_sets": ["a", "b"], "mode": "threshold"}, "strategy.ref_sets"),
     ({"ref_sets": ["a"], "refresh_every": 0}, "strategy.refresh_every"),
+    ({"ref_sets": ["a"], "refresh_every": [30, 0]}, "strategy.refresh_every"),
+    ({"ref_sets": ["a"], "refresh_every": []}, "strategy.refresh_every"),
+    ({"ref_sets": ["a"], "refresh_every": 2.5}, "strategy.refresh_every"),
     ({"ref_sets": ["a"], "ref_samples": 0}, "strategy.ref_samples"),
     ({"ref_sets": ["a"], "mode": "sideways"}, "strategy.mode"),
     ({"ref_sets": ["a"], "granularity": "layer"}, "strategy.granularity"),
