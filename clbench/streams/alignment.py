@@ -25,6 +25,7 @@ never trained on. All draws come from the stream seed.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,16 @@ _TRAIN, _TEST, _REFERENCE = 31, 32, 33  # seed tags of the draws (clbench.stream
 _STAGE_TAG = 9  # + the stage's position: the draws of alignment stage k
 
 
+def check_stages(stages: Sequence[str]) -> None:
+    """Check ``benchmark.stages``: a non-empty list of :data:`STAGES` names (shared by the alignment streams).
+
+    Raises:
+        ConfigError: naming ``benchmark.stages`` and the valid names.
+    """
+    check(len(stages) >= 1 and all(s in STAGES for s in stages), "benchmark.stages",
+          f"{list(stages)}; a non-empty list of {list(STAGES)}, e.g. [sft] or [sft, dpo]")
+
+
 @dataclass
 class AlignmentStreamConfig(TextStreamConfig):
     """``safety_toy``'s keys, on top of :class:`TextStreamConfig`'s.
@@ -74,8 +85,7 @@ class AlignmentStreamConfig(TextStreamConfig):
     stages: list[str] = field(default_factory=lambda: ["sft"])
 
     def validate(self) -> None:
-        check(len(self.stages) >= 1 and all(s in STAGES for s in self.stages), "benchmark.stages",
-              f"{list(self.stages)}; a non-empty list of {list(STAGES)}, e.g. [sft] or [sft, dpo]")
+        check_stages(self.stages)
         check(self.n_tasks in (1, 1 + len(self.stages)), "benchmark.n_tasks",
               f"{self.n_tasks}; benchmark.stages={list(self.stages)} makes {1 + len(self.stages)} experiences "
               f"(general + one per stage): set benchmark.n_tasks={1 + len(self.stages)} (or 1: general alone)")
