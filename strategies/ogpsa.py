@@ -57,7 +57,8 @@ class OGPSAConfig(StrategyConfig):
     Attributes:
         ref_sets: names of the stream's reference sets (``Stream.references``); the code uses 2 in its SFT stage
             and 1 in its DPO stage, and drops more silently; here any number spans the subspace (``threshold``
-            mode takes exactly one).
+            mode takes exactly one). One list for every experience, or a list of lists, one per experience
+            (SFT→DPO at the code's choice: ``[[ultrafeedback_sft_200, halueval_sft_200], [ultrafeedback_dpo]]``).
         ref_samples: the first samples of each set that its mean gradient is taken over (code: 200).
         refresh_every: K, optimizer steps between builds of the bases (code: 30 for SFT, 5 for DPO): one value for
             every experience, or one per experience (SFT→DPO at the code's values: ``[30, 5]``, or ``[30, 30, 5]``
@@ -74,7 +75,7 @@ class OGPSAConfig(StrategyConfig):
             stage, as in the paper.
     """
 
-    ref_sets: list[str] = field(default_factory=list)
+    ref_sets: Any = field(default_factory=list)
     ref_samples: int = 200
     refresh_every: Any = 30
     mode: str = "orthogonal"
@@ -86,11 +87,12 @@ class OGPSAConfig(StrategyConfig):
 
     def validate(self) -> None:
         check(self.mode in (*MODES, "none"), "strategy.mode", f"'{self.mode}'; one of {[*MODES, 'none']}")
-        check(self.mode == "none" or len(self.ref_sets) >= 1, "strategy.ref_sets",
-              "[] names no reference set; name the stream's general-capability sets, e.g. [arithmetic, recall]")
-        check(len(set(self.ref_sets)) == len(self.ref_sets), "strategy.ref_sets", f"{self.ref_sets} repeats a set")
-        check(self.mode != "threshold" or len(self.ref_sets) == 1, "strategy.ref_sets",
-              f"{self.ref_sets}; mode 'threshold' projects off one reference direction: name exactly one set")
+        for sets in _ref_schedule(self.ref_sets):
+            check(self.mode == "none" or len(sets) >= 1, "strategy.ref_sets",
+                  "[] names no reference set; name the stream's general-capability sets, e.g. [arithmetic, recall]")
+            check(len(set(sets)) == len(sets), "strategy.ref_sets", f"{sets} repeats a set")
+            check(self.mode != "threshold" or len(sets) == 1, "strategy.ref_sets",
+                  f"{sets}; mode 'threshold' projects off one reference direction: name exactly one set")
         check(isinstance(self.ref_samples, int) and self.ref_samples >= 1, "strategy.ref_samples",
               f"{self.ref_samples}; must be an integer >= 1")
         _refresh_steps(self.refresh_every)
@@ -101,6 +103,23 @@ class OGPSAConfig(StrategyConfig):
         check(self.scale >= 0, "strategy.scale", f"{self.scale}; must be >= 0")
         check(isinstance(self.project_from, int) and self.project_from >= 0, "strategy.project_from",
               f"{self.project_from}; must be an experience index >= 0")
+
+
+def _ref_schedule(value: Any) -> list[list[str]]:
+    """``strategy.ref_sets`` as one list of names per entry: ``[a, b]`` → ``[[a, b]]`` (every experience), a
+    list of lists as it is.
+
+    Raises:
+        ConfigError: neither a list of names nor a list of lists of names.
+    """
+    values = list(value) if isinstance(value, list | tuple) else None
+    if values is not None and all(isinstance(v, str) for v in values):
+        return [values]
+    check(values is not None and len(values) >= 1 and all(isinstance(v, list | tuple) and
+                                                         all(isinstance(n, str) for n in v) for v in values),
+          "strategy.ref_sets", f"{value}; give a list of reference-set names, or one such list per experience")
+    assert values is not None
+    return [list(v) for v in values]
 
 
 def _refresh_steps(value: Any) -> list[int]:
@@ -149,6 +168,7 @@ class OGPSA(Strategy):
         self._device_sums: list[torch.Tensor] = []  # per step (‖g‖², ‖UᵀUg‖²), read once per experience
         self._params: dict[str, torch.nn.Parameter] = {}
         self._every: list[int] = []  # K of each experience
+        self._sets: list[list[str]] = []  # the reference sets of each experience
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -157,10 +177,14 @@ class OGPSA(Strategy):
         check(len(steps) in (1, T), "strategy.refresh_every",
               f"{len(steps)} values for {T} experiences; give one value, or one per experience")
         self._every = steps * T if len(steps) == 1 else steps
+        sets = _ref_schedule(self.cfg.ref_sets)
+        check(len(sets) in (1, T), "strategy.ref_sets",
+              f"{len(sets)} lists for {T} experiences; give one list of names, or one per experience")
+        self._sets = sets * T if len(sets) == 1 else sets
         if self.cfg.mode == "none":
             return
         available = getattr(ctx.stream, "references", {})
-        for name in self.cfg.ref_sets:
+        for name in dict.fromkeys(n for names in self._sets for n in names):
             check(name in available, "strategy.ref_sets",
                   f"'{name}' is not a reference set of benchmark '{ctx.stream.spec.name}'; it has "
                   f"{sorted(available) or 'none'}")
@@ -205,8 +229,8 @@ class OGPSA(Strategy):
         per_set: list[dict[str, torch.Tensor]] = []
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            for name, source in self.refs.items():
-                batches = list(_first(source, self.cfg.ref_samples, ctx.batch_size))
+            for name in self._sets[ctx.experience]:
+                batches = list(_first(self.refs[name], self.cfg.ref_samples, ctx.batch_size))
                 mean = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
                 loss_sum = 0.0
                 for batch in batches:

@@ -202,7 +202,8 @@ def test_the_codes_settings_compose(tmp_path, name):
     stage = name.split("_", 2)[2]
     expected = {"sft": (["sft"], 3, 4, 4, ["ultrafeedback_sft_200", "halueval_sft_200"], 30),
                 "dpo": (["dpo"], 1, 2, 16, ["ultrafeedback_dpo"], 5),
-                "sft_dpo": (["sft", "dpo"], 1, 4, 4, ["ultrafeedback_sft_200", "halueval_sft_200"], [30, 5])}[stage]
+                "sft_dpo": (["sft", "dpo"], 1, 4, 4, [["ultrafeedback_sft_200", "halueval_sft_200"],
+                                                      ["ultrafeedback_dpo"]], [30, 5])}[stage]
     assert (b.stages, e.epochs, e.batch_size, e.accumulate, s.ref_sets, s.refresh_every) == expected
     assert b.n_tasks == len(b.stages)
 

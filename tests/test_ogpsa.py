@@ -266,6 +266,20 @@ def test_refresh_every_may_give_one_k_per_experience():
             _ctx(_Net(), _refs(), n_tasks=2))
 
 
+def test_ref_sets_may_give_one_list_per_experience():
+    """The code's SFT→DPO: two sets in the first stage, one other set in the second."""
+    strategy = _Recording(OGPSAConfig(name="ogpsa", ref_sets=[["shifted", "scaled"], ["scaled"]], refresh_every=4,
+                                      ref_samples=12))
+    _fit(strategy, experience=1)
+    assert set(strategy.diagnostics()) >= {"ogpsa/ref_loss/scaled"}
+    assert "ogpsa/ref_loss/shifted" not in strategy.diagnostics()
+    assert all(U.shape[0] == 1 for U in strategy.basis.values())  # one set: rank 1 a tensor
+    assert strategy.worst <= 1e-6
+    with pytest.raises(ConfigError, match=r"strategy\.ref_sets.*3 lists for 2 experiences"):
+        OGPSA(OGPSAConfig(name="ogpsa", ref_sets=[["shifted"], ["scaled"], ["shifted"]])).setup(
+            _ctx(_Net(), _refs(), n_tasks=2))
+
+
 def test_a_build_leaves_parameters_gradients_optimizer_and_random_state_untouched():
     net = _Net()
     ctx = _ctx(net, _refs())
@@ -318,6 +332,9 @@ def test_mode_none_is_the_plain_run_bit_for_bit():
 @pytest.mark.parametrize(("values", "key"), [
     ({"ref_sets": []}, "strategy.ref_sets"),
     ({"ref_sets": ["a", "a"]}, "strategy.ref_sets"),
+    ({"ref_sets": [["a"], []]}, "strategy.ref_sets"),
+    ({"ref_sets": [["a"], "b"]}, "strategy.ref_sets"),
+    ({"ref_sets": [["a", "b"], ["c"]], "mode": "threshold"}, "strategy.ref_sets"),
     ({"ref_sets": ["a", "b"], "mode": "threshold"}, "strategy.ref_sets"),
     ({"ref_sets": ["a"], "refresh_every": 0}, "strategy.refresh_every"),
     ({"ref_sets": ["a"], "refresh_every": [30, 0]}, "strategy.refresh_every"),
