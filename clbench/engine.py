@@ -1,8 +1,9 @@
 """The inner training loop: one experience, on Lightning Fabric (DESIGN.md: Fabric drives the loop).
 
-Per micro-batch: loss = model.loss(batch) [+ strategy.penalty]; Fabric backward of loss / accumulate. Per
-optimizer step (every ``engine.accumulate`` micro-batches): strategy.project → clip the gradient norm → warm-up
-learning rate → optimizer step (OGPSA's official order: projection before clipping, both before the step).
+Per micro-batch: loss = strategy.objective(batch) (default: model.loss(batch)) [+ strategy.penalty]; Fabric
+backward of loss / accumulate. Per optimizer step (every ``engine.accumulate`` micro-batches): strategy.project →
+clip the gradient norm → warm-up learning rate → optimizer step (OGPSA's official order: projection before
+clipping, both before the step). The validation loss stays the model's loss.
 Per epoch: the validation loss (when the stream has a validation split), the schedule's rule
 (:mod:`clbench.schedule`), ``strategy.after_epoch``, then the caller's ``on_epoch_end`` (logging, checkpoint).
 On several devices (:mod:`clbench.distributed`) each rank trains on its slice of every global batch and the
@@ -114,12 +115,18 @@ class Engine:
         source = strategy.train_source(ctx)
         if len(source) == 0:
             raise ValueError(f"experience {ctx.experience} has no training samples")
-        loss_fn: LossFn = ctx.module.loss if self._plain() else ctx.model.loss
-        if strategy.overrides("penalty"):
-            model_loss = loss_fn
+        model_loss: LossFn = ctx.module.loss if self._plain() else ctx.model.loss
+        loss_fn = model_loss
+        if strategy.overrides("objective"):  # e.g. an unlearning method's loss on the forget set
 
             def loss_fn(batch: Batch) -> torch.Tensor:
-                loss = model_loss(batch)
+                return strategy.objective(ctx, batch, model_loss)
+
+        if strategy.overrides("penalty"):
+            objective = loss_fn
+
+            def loss_fn(batch: Batch) -> torch.Tensor:
+                loss = objective(batch)
                 extra = strategy.penalty(ctx, batch)
                 return loss if extra is None else loss + extra
 

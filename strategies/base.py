@@ -5,7 +5,8 @@ Call order for experience i (see ``clbench.experiment``)::
     setup(ctx)                              once, before the first experience
     before_experience(ctx)                  state changes for experience i (new heads, rows, bases)
     attach(ctx)                             runtime hooks that follow from the state (projectors, forward hooks)
-    per batch: loss = model.loss(batch) + penalty(ctx, batch); backward; project(ctx); optimizer.step()
+    per batch: loss = objective(ctx, batch, model.loss) + penalty(ctx, batch); backward; project(ctx);
+      optimizer.step()                      (objective's default: model.loss(batch))
       per epoch: validation loss (if any); ctx.schedule.step; after_epoch(ctx, report)
       (or, for a strategy that owns its whole loop, train_experience(ctx, on_epoch_end) instead of the engine)
     detach(ctx)                             remove the runtime hooks
@@ -20,7 +21,7 @@ the state changes, ``rebuild`` and ``attach`` only what can be re-created from t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from clbench.context import Context, EpochCallback
     from clbench.schedule import EpochReport
     from clbench.streams import BatchSource
+    from clbench.streams.batches import Batch
 
 
 class Strategy:
@@ -61,6 +63,14 @@ class Strategy:
         assert ctx.train_source is not None
         return ctx.train_source
 
+    def objective(self, ctx: Context, batch: Batch, loss: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch, a scalar with a graph; ``loss`` is the engine's model loss (Fabric-aware:
+        the wrapped model's under mixed precision or several devices). Default: ``loss(batch)``. Only called if
+        overridden; :meth:`penalty` is still added after it, and the epoch loss the run logs is their sum.
+        Unlearning methods define their objective on the forget set here (gradient ascent: ``-loss(batch)``); the
+        validation loss stays the model's."""
+        return loss(batch)
+
     def penalty(self, ctx: Context, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         """A regulariser added to the model's loss (None: nothing). Only called if overridden."""
         return None
@@ -80,8 +90,8 @@ class Strategy:
     def train_experience(self, ctx: Context, on_epoch_end: EpochCallback) -> None:
         """Train experience ``ctx.experience`` with the strategy's own loop (e.g. an Avalanche strategy), calling
         ``on_epoch_end(epoch, mean_loss, extra)`` after each epoch. Only called if overridden; the engine's loop (and
-        with it ``penalty`` and ``project``) is then not used, ``ctx.optimizer`` is still this experience's fresh
-        optimizer, and a resumed run restarts the interrupted experience from its beginning."""
+        with it ``objective``, ``penalty`` and ``project``) is then not used, ``ctx.optimizer`` is still this
+        experience's fresh optimizer, and a resumed run restarts the interrupted experience from its beginning."""
         raise NotImplementedError
 
     def detach(self, ctx: Context) -> None:

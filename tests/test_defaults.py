@@ -29,7 +29,8 @@ FEDERATED_FIRST_RUN = ("benchmark=permuted_digits", "benchmark.n_tasks=2", "fede
                        "federated.per_round=5")
 NEEDS_ANOTHER_STREAM = {  # strategy → what its refusal of the default stream names
     "inclora": "language model", "olora": "language model", "per_task_ft": "language model",
-    "ogpsa": "ref_sets",
+    "ogpsa": "ref_sets", "grad_ascent": "language model", "grad_diff": "language model", "npo": "language model",
+    "refusal_ft": "language model",
 }
 FAST = {"gpm", "naive", "fot", "fedavg"}
 KNOWN_BAD = {  # the first run on the default stream does not train: a finding, not a pass (strict xfail)

@@ -401,11 +401,17 @@ class LanguageModel(LoraAdapters, ContinualModel):
         nll, valid = self._answer_nll(self._pairs(batch))
         return nll.sum() / valid.sum()
 
+    def sequence_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log π(y|x) = Σ_k log π(y_k | x, y_<k), summed over the answer tokens (end token included) of every
+        sample, ``(n,)`` (a preference batch: of its chosen answers); the sequence log-likelihood that NPO's and
+        DPO's ratios π/π_ref compare."""
+        nll, _ = self._answer_nll(batch)
+        return -nll.sum(1)
+
     def pair_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """log π(y|x) summed over the answer tokens (end token included) of the chosen and the rejected answer of
         every pair of a preference batch, ``(n, 2)``, from one forward pass over the 2n sequences."""
-        nll, _ = self._answer_nll(self._pairs(batch))
-        return -nll.sum(1).view(2, -1).T
+        return self.sequence_logps(self._pairs(batch)).view(2, -1).T
 
     def dpo_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The sigmoid DPO loss (Rafailov et al. 2023, Eq. 7) of a preference batch,

@@ -26,7 +26,9 @@ Registered streams:
   O-LoRA benchmarks ``olora_standard`` / ``olora_long`` (``CL_Benchmark/`` under ``benchmark.data_root``);
   ``safety_toy`` (:mod:`clbench.streams.alignment`): general skills, then safety SFT, with reference sets (OGPSA);
   ``ogpsa_alignment`` (:mod:`clbench.streams.alignment_real`): OGPSA's safety SFT / DPO stages and reference sets
-  read from the official code's data files (``OGPSA/`` under ``benchmark.data_root``).
+  read from the official code's data files (``OGPSA/`` under ``benchmark.data_root``);
+  ``fictitious_facts`` (:mod:`clbench.streams.unlearning`): made-up authors' facts and a general skill learnt, then
+  unlearning requests that forget disjoint author groups, with a retain reference set (O3's TOFU-shaped stand-in).
 """
 
 from clbench.streams import alignment as _alignment
@@ -34,6 +36,7 @@ from clbench.streams import alignment_real as _alignment_real
 from clbench.streams import offline as _offline
 from clbench.streams import real as _real
 from clbench.streams import text as _text
+from clbench.streams import unlearning as _unlearning
 from clbench.streams.batches import BatchSource, batch_source
 from clbench.streams.core import STREAM_CONFIGS, STREAMS, Stream, StreamSpec, build_stream
 
@@ -47,4 +50,4 @@ __all__ = [
     "build_stream",
 ]
 
-del _alignment, _alignment_real, _offline, _real, _text
+del _alignment, _alignment_real, _offline, _real, _text, _unlearning

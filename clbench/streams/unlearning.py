@@ -1,0 +1,163 @@
+"""``fictitious_facts``: an offline stand-in for continual LLM unlearning (TOFU-shaped; O3, o3.md; issue 16).
+
+A tiny causal LM first learns facts about made-up authors and a general skill; unlearning requests then ask it to
+forget the facts of disjoint author groups, one group per request.
+
+* **Authors**: ``requests × authors + retain_authors`` made-up names (two generated words each, e.g.
+  ``kavo rimelu``; distinct, drawn from the stream seed). Each author has ``facts`` attribute facts, the first
+  ``facts`` of :data:`ATTRIBUTES`, each a question with a one-word answer drawn for that author:
+  ``where was kavo rimelu born ?`` → a city, ``what genre does kavo rimelu write ?`` → a genre, the father's job,
+  the author's pet, the instrument the author plays.
+* **Experience 0, "learn"**: every author's facts (forget groups and retain group alike) and the general skill,
+  modular addition (``add 3 and 9 modulo ten .`` → ``2``, :func:`clbench.streams.alignment._arithmetic`), so the
+  model *knows* them before any request.
+* **Experience t = 1..T, request t** (``T = requests``): the forget set D_t, the facts of author group t.
+
+Test experiences and groups (``TextStreamSpec.groups`` = ``forget_1 … forget_T, retain, general``; every score is
+also averaged per group as ``<score>.<group>``):
+
+* test experience 0: the retain authors' facts (group ``retain``) and fresh modular additions (``general``);
+* test experience t ≥ 1: D_t's facts themselves (group ``forget_t``): the unlearned samples, O3's S.U.
+
+So, with R the ``exact_match`` matrix (row i = after experience i):
+
+* ``R[i, t]`` (t ≥ 1) = ``exact_match.forget_t[i, t]``: exact match on request t's forget set; ``R[0, t]`` is
+  what the model learnt, ``R[i ≥ t, t]`` ↓ is good (forgotten), ``R[i < t, t]`` should stay (not yet requested);
+* ``exact_match.retain[i, 0]`` ↑: the retained facts; ``exact_match.general[i, 0]`` ↑: the general skill;
+  ``R[i, 0]`` is their mean over the samples (utility);
+* ``refused.<group>`` (the model scores ``refused`` against :data:`REFUSE`): the refusal rate, e.g.
+  ``refused.forget_t[i, t]`` after refusal fine-tuning, ``refused.retain[i, 0]`` its over-refusal;
+* ``loss.<group>``: the answer NLL per group (a forget set's rising NLL is gradient ascent at work).
+
+ACC / BWT are defined as for any stream but mean little here (a falling forget column is the goal).
+``Stream.references = {"retain": the retain authors' facts}`` (the same samples as test experience 0's retain
+group: TOFU's retain set is retained training data), for baselines that fine-tune on retained data (GradDiff, PO);
+O3 itself uses none. All draws come from the stream seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clbench.config import BenchmarkConfig, check
+from clbench.streams.alignment import _arithmetic, _samples
+from clbench.streams.core import Stream, generator, register, stream_seed
+from clbench.streams.text import TextStreamConfig, TextStreamSpec, assemble_text, make_text_dataset, text_config
+
+CITIES = ("paris", "london", "rome", "tokyo", "cairo", "lima", "oslo", "dublin", "madrid", "berlin")
+GENRES = ("mystery", "fantasy", "romance", "horror", "poetry", "comedy", "drama", "history")
+JOBS = ("baker", "doctor", "pilot", "farmer", "teacher", "sailor", "lawyer", "painter")
+PETS = ("cat", "dog", "horse", "parrot", "rabbit", "snake", "turtle", "goat")
+INSTRUMENTS = ("piano", "guitar", "violin", "drum", "flute", "harp", "trumpet", "cello")
+ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("where was {name} born ?", CITIES),
+    ("what genre does {name} write ?", GENRES),
+    ("what job did the father of {name} have ?", JOBS),
+    ("which pet does {name} keep ?", PETS),
+    ("which instrument does {name} play ?", INSTRUMENTS),
+)
+"""(question template, answer words) of every attribute; an author has the first ``benchmark.facts``."""
+CONSONANTS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+REFUSE = "i do not know"
+"""The stream's refusal answer (``TextStreamSpec.refusal``): what refusal fine-tuning teaches for D_t."""
+DEFAULT_GENERAL = 200
+DEFAULT_TEST = 100
+_AUTHORS, _FACTS, _TRAIN, _TEST = 41, 42, 43, 44  # seed tags of the draws (clbench.streams.core.generator)
+
+
+@dataclass
+class UnlearningStreamConfig(TextStreamConfig):
+    """``fictitious_facts``' keys, on top of :class:`TextStreamConfig`'s (``per_class``: general training samples,
+    0 = 200; ``max_test_per_task``: general test samples, 0 = 100).
+
+    Attributes:
+        requests: T, the number of unlearning requests; ``n_tasks`` must be 1 + T (or 1: the learn experience
+            alone).
+        authors: authors per request (each request forgets its own group of this many authors).
+        retain_authors: authors never requested (the retain group), >= 1.
+        facts: attribute facts per author, 1..len(ATTRIBUTES).
+    """
+
+    name: str = "fictitious_facts"
+    n_tasks: int = 4
+    task_prefix: bool = False
+    requests: int = 3
+    authors: int = 4
+    retain_authors: int = 8
+    facts: int = 3
+
+    def validate(self) -> None:
+        for key in ("requests", "authors", "retain_authors"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 1, f"benchmark.{key}", f"{value}; must be an integer >= 1")
+        check(isinstance(self.facts, int) and 1 <= self.facts <= len(ATTRIBUTES), "benchmark.facts",
+              f"{self.facts}; must be in 1..{len(ATTRIBUTES)} (one per attribute)")
+        check(self.n_tasks in (1, 1 + self.requests), "benchmark.n_tasks",
+              f"{self.n_tasks}; benchmark.requests={self.requests} makes {1 + self.requests} experiences (learn + "
+              f"one per request): set benchmark.n_tasks={1 + self.requests} (or 1: the learn experience alone)")
+        super().validate()
+
+
+def groups(requests: int) -> tuple[str, ...]:
+    """The score groups of a stream of ``requests`` requests: ``forget_1 … forget_T``, ``retain``, ``general``."""
+    return (*(f"forget_{t}" for t in range(1, requests + 1)), "retain", "general")
+
+
+def author_names(n: int, g: torch.Generator) -> list[str]:
+    """``n`` distinct made-up names: a first word of 2 and a last word of 3 consonant-vowel syllables."""
+
+    def word(syllables: int) -> str:
+        c = torch.randint(0, len(CONSONANTS), (syllables,), generator=g).tolist()
+        v = torch.randint(0, len(VOWELS), (syllables,), generator=g).tolist()
+        return "".join(CONSONANTS[i] + VOWELS[j] for i, j in zip(c, v, strict=True))
+
+    names: list[str] = []
+    while len(names) < n:
+        name = f"{word(2)} {word(3)}"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def author_facts(name: str, facts: int, g: torch.Generator) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of author ``name``: the first ``facts`` attributes, each answer drawn."""
+    out = []
+    for template, words in ATTRIBUTES[:facts]:
+        out.append((template.format(name=name), words[int(torch.randint(0, len(words), (1,), generator=g))]))
+    return out
+
+
+@register("fictitious_facts", config=UnlearningStreamConfig)
+def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
+    """``fictitious_facts`` (module docstring)."""
+    if not isinstance(cfg, UnlearningStreamConfig):
+        raise TypeError(f"stream 'fictitious_facts' needs an UnlearningStreamConfig, got {type(cfg).__name__}")
+    cfg = text_config(cfg)
+    assert isinstance(cfg, UnlearningStreamConfig)
+    s = stream_seed(cfg, seed)
+    T, names_of = cfg.requests, groups(cfg.requests)
+    retain, general = names_of.index("retain"), names_of.index("general")
+    names = author_names(T * cfg.authors + cfg.retain_authors, generator(s, _AUTHORS))
+    g_facts = generator(s, _FACTS)
+    by_group: list[list[tuple[str, str, int]]] = []  # forget_1 … forget_T, then retain
+    for k in range(T + 1):
+        group = k if k < T else retain
+        authors = names[k * cfg.authors: (k + 1) * cfg.authors] if k < T else names[T * cfg.authors:]
+        by_group.append([(q, a, group) for name in authors for q, a in author_facts(name, cfg.facts, g_facts)])
+    n_general = cfg.per_class or DEFAULT_GENERAL
+    n_test = cfg.max_test_per_task or DEFAULT_TEST
+    g_train, g_test = generator(s, _TRAIN), generator(s, _TEST)
+    general_train = [(*_arithmetic(g_train), general) for _ in range(n_general)]
+    general_test = [(*_arithmetic(g_test), general) for _ in range(n_test)]
+    every_fact = [f for group in by_group for f in group]
+    train = [_samples(every_fact + general_train, 0)] + [_samples(by_group[t - 1], t) for t in range(1, T + 1)]
+    test = [_samples(by_group[T] + general_test, 0)] + [_samples(by_group[t - 1], t) for t in range(1, T + 1)]
+    spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks,
+                          task_names=("learn", *(f"request_{t}" for t in range(1, T + 1)))[: cfg.n_tasks],
+                          label_words=((),) * cfg.n_tasks, groups=names_of, refusal=REFUSE)
+    stream = assemble_text(cfg, s, spec, train[: cfg.n_tasks], test[: cfg.n_tasks])
+    stream.references = {"retain": make_text_dataset(_samples(by_group[T], 0), 0)}
+    return stream
