@@ -2,10 +2,11 @@
 
 A spec lists the table's columns (benchmarks, each with the overrides of the stream clbench runs for it), its
 rows (methods, each with its own overrides per column) and the published numbers with their sources. A column
-with ``stands_in_for: <key>`` is a second stand-in for the real benchmark of column ``<key>``: it has no published
-column of its own (the table shows one published column per real benchmark), and its cells are compared with
-that column's published values (manifest). A cell's
-runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
+with ``published: false`` has no published counterpart (a stand-in for a setting the paper reports no figure of);
+one with ``stands_in_for: <key>`` is a second stand-in for the real benchmark of column ``<key>``: it has no
+published column of its own (the table shows one published column per real benchmark), and its cells are compared
+with that column's published values (manifest). A reproduced cell shows ACC / BWT, or the spec's ``scores``. A
+cell's runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
 (every non-default setting but the seed: :func:`clbench.fingerprint.fingerprint_params`), so a run of any other
 setting never lands in a cell.
 
@@ -207,6 +208,12 @@ def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[st
     return out
 
 
+def _has_published(column: dict[str, Any]) -> bool:
+    """Whether the table shows a published column for ``column`` (not for a second stand-in of a benchmark, nor
+    for a column marked ``published: false``)."""
+    return not column.get("stands_in_for") and column.get("published", True)
+
+
 def _published(p: dict[str, Any] | None) -> str:
     """A published cell: ACC / BWT (ACC alone where the paper gives no BWT) and its source mark."""
     if p is None:
@@ -232,7 +239,7 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
     mine = _reproduced_columns(spec, agg)
     head = ["Method"]
     for c in cols:
-        if not c.get("stands_in_for"):
+        if _has_published(c):
             head.append(f"{c['title']}: published")
         if c["key"] in mine:
             head.append(mine[c["key"]])
@@ -241,7 +248,7 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
         row = [m["label"]]
         for c in cols:
             e = agg[(m["key"], c["key"])]
-            if not c.get("stands_in_for"):
+            if _has_published(c):
                 row.append(_published(e["published"]))
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
@@ -275,7 +282,7 @@ def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]])
     for m in spec["methods"]:
         for c in spec["columns"]:
             e = agg[(m["key"], c["key"])]
-            if (p := e["published"]) is not None and not c.get("stands_in_for"):
+            if (p := e["published"]) is not None and _has_published(c):
                 values = [p["acc"], p["acc_std"], p["bwt"], p["bwt_std"]] + [""] * (2 * len(keys) - 4)
                 w.writerow([m["key"], c["key"], "published", *values[: 2 * len(keys)], "", p["source"]])
             if e["n"]:
@@ -463,12 +470,13 @@ def write_scatter(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) -
         return []
     fig, axes = _grid(plt, len(columns), 3.4, 3.0, sharex=True, sharey=True)
     for ax, col in zip(axes, columns, strict=True):
-        for m in spec["methods"]:
+        for k, m in enumerate(spec["methods"]):  # one colour per method across the panels
             e = agg[(m["key"], col["key"])]
             if not e["n"]:
                 continue
             (mx, sx), (my, sy) = e[x], e[y]
-            ax.errorbar(mx, my, xerr=sx or 0, yerr=sy or 0, fmt="o", ms=4, capsize=2, label=m["label"].split(" (")[0])
+            ax.errorbar(mx, my, xerr=sx or 0, yerr=sy or 0, fmt="o", ms=4, capsize=2, color=f"C{k % 10}",
+                        label=m["label"].split(" (")[0])
         ax.set_title(col["title"], fontsize=7)
         ax.set_xlabel(f"{label[x]} (%)", fontsize=7)
         ax.set_ylabel(f"{label[y]} (%)", fontsize=7)
