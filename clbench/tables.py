@@ -258,8 +258,9 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
     labels = " / ".join(sc["label"] for sc in scores(spec))
     lines += ["", f"Cells: {labels} in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
     lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
-    lines += [f"- {c['title']}: no offline stand-in run yet" for c in cols
-              if not c["stand_in"] and c["overrides"] is None and not c.get("derived")]
+    covered = {c.get("stands_in_for") for c in cols}  # a real benchmark another column stands in for
+    lines += [f"- {c['title']}: {c.get('note', 'no offline stand-in run yet')}" for c in cols
+              if not c["stand_in"] and c["overrides"] is None and not c.get("derived") and c["key"] not in covered]
     real = [c["title"] for c in cols if not c["stand_in"] and c["overrides"] is not None]
     if real:
         lines += [f"- {', '.join(real)}: the paper's setting (each cell's command in results/manifest.yaml); it "

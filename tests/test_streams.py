@@ -59,6 +59,8 @@ def test_registry_has_every_stream() -> None:
         "olora_standard",
         "olora_long",
         "safety_toy",
+        "ogpsa_alignment",
+        "fictitious_facts",
         "split_digits",
         "permuted_mnist1d",
         "split_mnist1d",
@@ -67,6 +69,7 @@ def test_registry_has_every_stream() -> None:
         "split_cifar100",
         "split_digits_32",
         "split_mnist_5k_32",
+        "permuted_mnist_5k_32",
         "five_datasets",
         "miniimagenet",
     }
@@ -487,6 +490,57 @@ def test_offline_image_streams(name: str, scenario: str) -> None:
     # the digits' test split follows the seed; the mnist_5k split is fixed (seed 0) whatever the run seed
     same = torch.equal(tensors(other.test_stream[3].dataset)[0], tensors(bm.test_stream[3].dataset)[0])
     assert same is (name == "split_mnist_5k_32")
+
+
+PERMUTED_32 = {"n_tasks": 5, "test_fraction": 0.1, "max_train_per_task": 1000}
+"""conf/benchmark/permuted_mnist_5k_32.yaml's keys (the GPM table's conv stand-in)."""
+
+
+@pytest.mark.parametrize("scenario", ["task", "domain"])
+def test_permuted_mnist_5k_32(scenario: str) -> None:
+    """Every task: all 10 digits, the fixed 5k split's images with the pixel positions of the padded 32x32 image
+    moved by that task's PMNIST permutation (from the seed); 1,000 training / 500 test digits a task; one
+    10-way head per task (task) or one shared head (domain); the same stream again from the same seed."""
+    from clbench.streams.core import pad_to_32
+    from clbench.streams.offline import _mnist_5k_raw, _mnist_5k_rows
+
+    stream = build("permuted_mnist_5k_32", seed=1, scenario=scenario, **PERMUTED_32)
+    spec = stream.spec
+    assert (spec.input_shape, spec.classes_per_task) == ((3, 32, 32), (10,) * 5)
+    assert (spec.multi_head, spec.n_classes) == ((True, 50) if scenario == "task" else (False, 10))
+    check_experiences(stream)
+    bm = stream.benchmark
+    assert [len(e.dataset) for e in bm.train_stream] == [1000] * 5
+    assert [len(e.dataset) for e in bm.test_stream] == [500] * 5
+    xu8, y = _mnist_5k_raw()
+    _, test_rows = _mnist_5k_rows(0.1)
+    base = pad_to_32(xu8)[test_rows].flatten(1)  # the fixed split's test digits, unpermuted
+    perms = pmnist_permutations(5, 1, 1024)
+    firsts = []
+    for t, exp in enumerate(bm.test_stream):
+        x, labels, _ = tensors(exp.dataset)
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey replicated to RGB
+        pixels = decoded_pixels(x, 0.1, 0.2752).flatten(1)
+        assert torch.equal(pixels, base[:, perms[t]])  # the task's permutation of every pixel, padding included
+        assert torch.equal(labels, y[test_rows])  # all 10 digits, labels 0..9 in every task
+        firsts.append(pixels)
+    assert not torch.equal(firsts[0], firsts[1])  # tasks differ in their permutation
+    train = [tensors(e.dataset)[0] for e in bm.train_stream]
+    # each task its own seeded subset of the 4,500 training digits: the sorted pixel multisets tell them apart
+    sets = [row_set(decoded_pixels(x, 0.1, 0.2752).flatten(1).sort(dim=1).values) for x in train]
+    assert all(len(s) > 900 for s in sets) and len(sets[0] & sets[1]) < 600
+    again = build("permuted_mnist_5k_32", seed=1, scenario=scenario, **PERMUTED_32).benchmark
+    for a, b in ((again.train_stream[3], bm.train_stream[3]), (again.test_stream[4], bm.test_stream[4])):
+        assert all(torch.equal(u, v) for u, v in zip(tensors(a.dataset), tensors(b.dataset), strict=True))
+    other = build("permuted_mnist_5k_32", seed=2, scenario=scenario, **PERMUTED_32).benchmark
+    x2 = decoded_pixels(tensors(other.test_stream[0].dataset)[0], 0.1, 0.2752).flatten(1)
+    assert not torch.equal(x2, firsts[0])  # another seed, other permutations ...
+    assert torch.equal(x2.sort(dim=1).values, firsts[0].sort(dim=1).values)  # ... of the same test digits
+
+
+def test_permuted_mnist_5k_32_refuses_the_class_scenario() -> None:
+    with pytest.raises(ValueError, match=r"benchmark\.scenario.*'task'.*'domain'"):
+        build("permuted_mnist_5k_32", scenario="class", **PERMUTED_32)
 
 
 def test_image_stream_direct_read_and_validation() -> None:

@@ -170,3 +170,22 @@ def test_olora_report_draws_the_adapter_angles(tmp_path):
     figures = sorted(p.name for p in (tmp_path / "results" / "figures").iterdir())
     assert "olora_keyword_topics_adapter_angles.png" in figures
     assert "olora_keyword_topics_accuracy_matrices.png" in figures
+
+
+@pytest.mark.parametrize(("rogo", "gpm", "source", "halving"), [
+    ("rogo", "gpm_grad", "gradients", "halve"),          # ROGO's CIFAR code vs GPM with its memory source
+    ("rogo_nohalve", "gpm_grad", "gradients", "none"),   # the relaxation alone, gradient memory
+    ("rogo_act", "gpm", "activations", "none"),          # the relaxation alone, GPM's activation memory
+])
+def test_the_gpm_tables_rogo_rows_differ_from_their_gpm_row_as_labelled(spec, rogo, gpm, source, halving):
+    """Issue 18 §3: each ROGO row of the conv column has a GPM row with the same memory (ε, its increment, n_s,
+    rank rule, memory source) and the same engine, model and stream, so that the relaxation and the lr halving
+    are the only differences, as the table's notes say."""
+    cells = {(c.method, c.column): c for c in tables.cells(spec)}
+    r, g = tables.compose(list(cells[(rogo, "cifar100_conv")].overrides), list(cells[(gpm, "cifar100_conv")].overrides))
+    assert (r.strategy.name, g.strategy.name) == ("rogo", "gpm")
+    assert (r.strategy.basis_source, r.strategy.on_success) == (source, halving)
+    assert asdict(r.engine) == asdict(g.engine) and asdict(r.model) == asdict(g.model)
+    assert asdict(r.benchmark) == asdict(g.benchmark)
+    shared = asdict(g.strategy).keys() - {"name"}
+    assert {k: asdict(r.strategy)[k] for k in shared} == {k: asdict(g.strategy)[k] for k in shared}
