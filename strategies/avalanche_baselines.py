@@ -228,6 +228,21 @@ def _multi_head_class() -> type[nn.Module]:
             t = torch.full((x.shape[0],), int(task_label), dtype=torch.long, device=x.device)
             return self.net(x, t)
 
+        def forward(self, x: torch.Tensor, task_labels: Any) -> Any:
+            """Avalanche's layout (each sample's head logits in the first columns of a ``max_class_label``-wide
+            row of zeros), with the shared trunk run once on the whole batch: Avalanche splits a batch mixing
+            tasks (ER's replayed samples) before the trunk, so its batch-norm layers would see one sub-batch per
+            task, with other statistics than the whole batch, and fail on a task with a single sample."""
+            if task_labels is None or isinstance(task_labels, int):
+                return super().forward(x, task_labels)
+            h = self.net.features(x)
+            out = h.new_zeros(x.shape[0], self.max_class_label)
+            for task in torch.unique(task_labels).tolist():
+                mask = task_labels == task
+                logits = self.net.heads[task](h[mask])
+                out[mask, : logits.shape[1]] = logits
+            return out
+
     return MultiHead
 
 

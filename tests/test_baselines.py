@@ -181,3 +181,27 @@ def test_the_engine_schedule_drives_the_avalanche_loop(tmp_path):
     assert len({m.step for m in history["valid_loss"]}) == len(history["loss"]) < 2 * 12  # stopped early
     assert min(m.value for m in history["lr"]) < 1e-2
     assert np.diag(res.R).min() > 50.0
+
+
+def test_a_multi_head_batch_mixing_tasks_runs_the_trunk_once():
+    """ER replays earlier tasks' samples into a batch: the Avalanche wrapper of a multi-head net gives each sample its
+    own head's logits from one trunk pass over the whole batch (a task with one sample does not reach batch-norm
+    alone, which fails in training)."""
+    import torch
+
+    from clbench.models.alexnet import AlexNet
+    from strategies.avalanche_baselines import _multi_head_class
+
+    torch.manual_seed(0)
+    net = AlexNet((3, 32, 32), (2, 3), True, 5, bias=False)
+    wrapped = _multi_head_class()(net)
+    wrapped.max_class_label = 3
+    x, t = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 0, 0, 0, 1])
+    out = wrapped.train()(x, t)  # a task with one sample
+    net.eval()
+    with torch.no_grad():
+        h = net.features(x)
+        out = wrapped(x, t)
+        torch.testing.assert_close(out[t == 0, :2], net.heads[0](h[t == 0]))
+        torch.testing.assert_close(out[t == 1], net.heads[1](h[t == 1]))
+        assert (out[t == 0, 2:] == 0).all()
