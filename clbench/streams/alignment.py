@@ -92,7 +92,8 @@ class AlignmentStreamConfig(TextStreamConfig):
         super().validate()
 
 
-def _arithmetic(g: torch.Generator) -> tuple[str, str]:
+def arithmetic_question(g: torch.Generator) -> tuple[str, str]:
+    """A modular-addition question and its answer, ``add 3 and 9 modulo ten .`` → ``2``, drawn from ``g``."""
     a, b = (int(v) for v in torch.randint(0, 10, (2,), generator=g))
     return f"add {a} and {b} modulo ten .", str((a + b) % 10)
 
@@ -114,7 +115,7 @@ def _request(verbs: tuple[str, ...], objects: tuple[str, ...], g: torch.Generato
 def _draw(skill: str, n: int, g: torch.Generator, test: bool = False) -> list[tuple[str, str]]:
     """``n`` (prompt, answer) pairs of ``skill`` (a skill, or ``harmful``: requests → the refusal)."""
     if skill == "arithmetic":
-        return [_arithmetic(g) for _ in range(n)]
+        return [arithmetic_question(g) for _ in range(n)]
     if skill == "recall":
         return [_recall(g) for _ in range(n)]
     if skill == "howto":
@@ -127,7 +128,7 @@ def _group(skill: str) -> int:
     return GROUPS.index({"howto": "benign"}.get(skill, skill))
 
 
-def _samples(pairs: list[tuple[str, str, int]], task: int) -> TextSamples:
+def grouped_samples(pairs: list[tuple[str, str, int]], task: int) -> TextSamples:
     """Samples of ``task`` from (prompt, answer, group) triples; the label of a sample is its answer's index among
     the task's answers, for the stratified validation split."""
     answers = sorted({a for _, a, _ in pairs})
@@ -162,18 +163,18 @@ def build_safety_toy(cfg: BenchmarkConfig, seed: int) -> Stream:
         _skill(k, n, generator(s, _TRAIN, i)) for i, k in enumerate(SKILLS)))
     general_test = list(itertools.chain.from_iterable(
         _skill(k, n_test // len(SKILLS), generator(s, _TEST, i)) for i, k in enumerate(SKILLS)))
-    train, test = [_samples(general_train, 0)], [_samples(general_test, 0)]
+    train, test = [grouped_samples(general_train, 0)], [grouped_samples(general_test, 0)]
     for k, stage in enumerate(cfg.stages, start=1):
         tag = _STAGE_TAG + k - 1
         if stage == "sft":
-            train.append(_samples(_skill("harmful", n, generator(s, _TRAIN, tag)), k))
+            train.append(grouped_samples(_skill("harmful", n, generator(s, _TRAIN, tag)), k))
         else:
             train.append(_preferences(n, generator(s, _TRAIN, tag), k))
-        test.append(_samples(_skill("harmful", n_test, generator(s, _TEST, tag), test=True), k))
+        test.append(grouped_samples(_skill("harmful", n_test, generator(s, _TEST, tag), test=True), k))
     names = ("general", *(f"safety_{stage}" for stage in cfg.stages))
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks, task_names=names[: cfg.n_tasks],
                           label_words=((),) * cfg.n_tasks, groups=GROUPS, refusal=REFUSE)
     stream = assemble_text(cfg, s, spec, train[: cfg.n_tasks], test[: cfg.n_tasks])
-    stream.references = {k: make_text_dataset(_samples(_skill(k, n, generator(s, _REFERENCE, i)), 0), 0)
+    stream.references = {k: make_text_dataset(grouped_samples(_skill(k, n, generator(s, _REFERENCE, i)), 0), 0)
                          for i, k in enumerate(REFERENCE_SKILLS)}
     return stream

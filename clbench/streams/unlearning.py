@@ -9,7 +9,7 @@ forget the facts of disjoint author groups, one group per request.
   ``where was kavo rimelu born ?`` → a city, ``what genre does kavo rimelu write ?`` → a genre, the father's job,
   the author's pet, the instrument the author plays.
 * **Experience 0, "learn"**: every author's facts (forget groups and retain group alike) and the general skill,
-  modular addition (``add 3 and 9 modulo ten .`` → ``2``, :func:`clbench.streams.alignment._arithmetic`), so the
+  modular addition (``add 3 and 9 modulo ten .`` → ``2``, :func:`clbench.streams.alignment.arithmetic_question`), so the
   model *knows* them before any request.
 * **Experience t = 1..T, request t** (``T = requests``): the forget set D_t, the facts of author group t.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from clbench.config import BenchmarkConfig, check
-from clbench.streams.alignment import _arithmetic, _samples
+from clbench.streams.alignment import arithmetic_question, grouped_samples
 from clbench.streams.core import Stream, generator, register, stream_seed
 from clbench.streams.text import TextStreamConfig, TextStreamSpec, assemble_text, make_text_dataset, text_config
 
@@ -150,14 +150,15 @@ def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
     n_general = cfg.per_class or DEFAULT_GENERAL
     n_test = cfg.max_test_per_task or DEFAULT_TEST
     g_train, g_test = generator(s, _TRAIN), generator(s, _TEST)
-    general_train = [(*_arithmetic(g_train), general) for _ in range(n_general)]
-    general_test = [(*_arithmetic(g_test), general) for _ in range(n_test)]
+    general_train = [(*arithmetic_question(g_train), general) for _ in range(n_general)]
+    general_test = [(*arithmetic_question(g_test), general) for _ in range(n_test)]
     every_fact = [f for group in by_group for f in group]
-    train = [_samples(every_fact + general_train, 0)] + [_samples(by_group[t - 1], t) for t in range(1, T + 1)]
-    test = [_samples(by_group[T] + general_test, 0)] + [_samples(by_group[t - 1], t) for t in range(1, T + 1)]
+    requests = [grouped_samples(by_group[t - 1], t) for t in range(1, T + 1)]
+    train = [grouped_samples(every_fact + general_train, 0), *requests]
+    test = [grouped_samples(by_group[T] + general_test, 0), *requests]
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks,
                           task_names=("learn", *(f"request_{t}" for t in range(1, T + 1)))[: cfg.n_tasks],
                           label_words=((),) * cfg.n_tasks, groups=names_of, refusal=REFUSE)
     stream = assemble_text(cfg, s, spec, train[: cfg.n_tasks], test[: cfg.n_tasks])
-    stream.references = {"retain": make_text_dataset(_samples(by_group[T], 0), 0)}
+    stream.references = {"retain": make_text_dataset(grouped_samples(by_group[T], 0), 0)}
     return stream
