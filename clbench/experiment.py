@@ -251,6 +251,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         cells = []
         for j, s in enumerate(tests):
             strategy.evaluate_as(ctx, j)  # a no-op but for task-identity oracles (per_task_ft)
+            s = strategy.scored_source(ctx, j, s)  # the source itself but for per-input fields (O3's gate)
             cells.append(metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
                                                                  generator=ctx.eval_order(_EVAL_KEY, j)),
                                           fabric.device, groups=getattr(spec, "groups", ())))
@@ -269,6 +270,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     others: dict[str, np.ndarray] = {}
     if state is not None:
         strategy.load_state_dict(state["strategy"])
+        module.begin_experience(min(state["experience"], T - 1))  # the trainable part the experience had
         strategy.rebuild(ctx)  # what the strategy added to the model (adapters), before the weights load
         module.load_state_dict(state["model"])
         if federation is not None:  # the loop's position; the global θ is the model just loaded
@@ -310,6 +312,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             checkpoint.set_rng_state(state["rng"])  # before any hook that may draw random numbers
         mid = state is not None and i == start and state["optimizer"] is not None
         ctx.step = state["step"] if mid else 0
+        module.begin_experience(i)  # (a no-op on resume: done before the strategy's rebuild)
         # what the loss needs from the model as the experience starts (DPO's reference log-probabilities)
         saved = state["anchors"] if mid else {}
         anchors.clear()

@@ -46,8 +46,16 @@ DEFAULT_SCORES = ({"key": "acc", "metric": "acc", "label": "ACC"}, {"key": "bwt"
 
 def scores(spec: dict[str, Any]) -> list[dict[str, str]]:
     """The scores a reproduced cell shows, in order: the spec's ``scores`` (each a ``key``, the MLflow ``metric``
-    whose last value it takes and a ``label``), else ACC / BWT."""
+    whose last value it takes, or a list of metrics whose last values it averages, and a ``label``), else
+    ACC / BWT."""
     return list(spec.get("scores") or DEFAULT_SCORES)
+
+
+def score_value(metrics: dict[str, float], metric: str | list[str]) -> float:
+    """A score of a run from its metrics' last values: ``metric``'s, or the mean of a list's (NaN if one is
+    missing)."""
+    names = [metric] if isinstance(metric, str) else list(metric)
+    return float(np.mean([metrics.get(n, math.nan) for n in names]))
 
 
 def run_fields(spec: dict[str, Any]) -> tuple[str, ...]:
@@ -133,7 +141,7 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
                 continue
             m = r.data.metrics
             clients[r.info.run_id] = client
-            extra = {sc["key"]: round(m.get(sc["metric"], math.nan), 4) for sc in scores(spec)}
+            extra = {sc["key"]: round(score_value(m, sc["metric"]), 4) for sc in scores(spec)}
             found.append((r.info.start_time, {
                 "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
                 "run_id": r.info.run_id, **{k: round(m[k], 4) for k in HEADLINE}, **extra}))
@@ -214,10 +222,11 @@ def _has_published(column: dict[str, Any]) -> bool:
     return not column.get("stands_in_for") and column.get("published", True)
 
 
-def _published(p: dict[str, Any] | None) -> str:
-    """A published cell: ACC / BWT (ACC alone where the paper gives no BWT) and its source mark."""
+def _published(p: dict[str, Any] | None, missing: str = "–") -> str:
+    """A published cell: ACC / BWT (ACC alone where the paper gives no BWT) and its source mark; ``missing`` (the
+    spec's ``published_missing``, e.g. "not retrieved") where there is none."""
     if p is None:
-        return "–"
+        return missing
     acc = _fmt(p["acc"], p["acc_std"])
     return (acc if p["bwt"] is None else f"{acc} / {_fmt(p['bwt'], p['bwt_std'])}") + f" [{p['source']}]"
 
@@ -249,7 +258,7 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
         for c in cols:
             e = agg[(m["key"], c["key"])]
             if _has_published(c):
-                row.append(_published(e["published"]))
+                row.append(_published(e["published"], spec.get("published_missing", "–")))
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
                 shown = " / ".join(_fmt(*e[sc["key"]]) for sc in scores(spec)) if e["n"] else ""

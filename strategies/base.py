@@ -11,7 +11,8 @@ Call order for experience i (see ``clbench.experiment``)::
       (or, for a strategy that owns its whole loop, train_experience(ctx, on_epoch_end) instead of the engine)
     detach(ctx)                             remove the runtime hooks
     after_experience(ctx)                   e.g. new bases from the layer inputs
-    evaluation on every test experience     evaluate_as(ctx, j) before test experience j, evaluate_as(ctx, None) after
+    evaluation on every test experience     evaluate_as(ctx, j) before test experience j, evaluate_as(ctx, None) after;
+                                            scored_source(ctx, j, source): the source it is scored on
 
 A resumed run restores ``load_state_dict``, then ``rebuild`` (what the strategy added to the model during the
 run, e.g. one adapter per task, re-created from that state), then the saved weights; in the middle of
@@ -104,6 +105,12 @@ class Strategy:
         """Called before test experience ``task`` is scored, and with None once every one is. Methods score without
         task identity, so this does nothing; an oracle reference that keeps one model per task (``per_task_ft``)
         switches to task ``task``'s model here and back to the training state on None."""
+
+    def scored_source(self, ctx: Context, task: int, source: BatchSource) -> BatchSource:
+        """The source test experience ``task`` is scored on, called after :meth:`evaluate_as`: ``source`` itself
+        by default. A method whose inference needs per-input fields adds them here (O3: each test sample's adapter
+        weight w(x) from its OOD detectors, :data:`clbench.models.adapters.GATE`)."""
+        return source
 
     def diagnostics(self) -> dict[str, float]:
         """Scalars logged after each experience (e.g. basis size per layer)."""

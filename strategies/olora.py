@@ -14,8 +14,9 @@ there). No orthogonality term on the first task. λ1 = 0 is IncLoRA (``strategy=
 every task in turn (SeqLoRA) is ``strategy=naive`` with ``model.adapter=lora``.
 
 The adapters live in the model (:class:`clbench.models.adapters.LoraAdapters`); the penalty is the subspace core's
-:func:`clbench.subspace.row_overlap`; the optimizer of each task is built over the new adapter only (the others
-are frozen again after peft's multi-adapter activation unfreezes them, olora.md "Mapping onto peft").
+:class:`clbench.subspace.LayerOverlap` (:func:`~clbench.subspace.row_overlap` batched over layers); the optimizer
+of each task is built over the new adapter only (the others are frozen again after peft's multi-adapter activation
+unfreezes them, olora.md "Mapping onto peft").
 
 The frozen adapters run as one: at the end of each task (and at the start of the next, if that did not happen) the
 adapters trained so far are folded into the model's stacked adapter (``LoraAdapters.stack_adapters``: A's rows and
@@ -37,7 +38,7 @@ import torch
 
 from clbench.config import ConfigError, StrategyConfig, check
 from clbench.models.adapters import STACK, LoraAdapters
-from clbench.subspace import principal_angles, row_overlap
+from clbench.subspace import LayerOverlap, principal_angles
 from clbench.subspace.overlap import NORMS
 from strategies import register
 from strategies.base import Strategy
@@ -86,7 +87,7 @@ class OLoRA(Strategy):
         self.adapters: list[str] = []
         self.stacked: list[str] = []
         self._old: dict[str, list[torch.Tensor]] = {}
-        self._groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self._overlap = LayerOverlap(())
         self._new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scores: dict[str, float] = {}
 
@@ -138,18 +139,13 @@ class OLoRA(Strategy):
         factors = [model.lora_factors(a) for a in self.adapters]
         self._new = factors[-1]
         self._old = {layer: [f[layer][0].detach() for f in factors[:-1]] for layer in self._new}
-        groups: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for layer, (A, _) in self._new.items():
-            if self._old[layer]:
-                rows = torch.cat(self._old[layer], 0)
-                groups.setdefault((rows.shape, A.shape, A.dtype, A.device), []).append((rows, A))
-        self._groups = [(torch.stack([rows for rows, _ in g]), [A for _, A in g]) for g in groups.values()]
+        self._overlap = LayerOverlap((torch.cat(self._old[layer], 0), A) for layer, (A, _) in self._new.items()
+                                     if self._old[layer])
 
     def orthogonality(self) -> torch.Tensor:
         """Σ_layers Σ_{i<t} ‖A_i A_tᵀ‖ (``norm``) of the current adapters: per group of layers, one batched
         cross-Gram of the stacked frozen rows with the new A's (the same sum over the rows)."""
-        terms = [row_overlap([rows], torch.stack(new), self.cfg.norm) for rows, new in self._groups]
-        return sum(terms[1:], terms[0]) if terms else torch.zeros(())  # none: the first task
+        return self._overlap(self.cfg.norm)
 
     def penalty(self, ctx: Context, batch: Any) -> torch.Tensor | None:
         t = ctx.experience

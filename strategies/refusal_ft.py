@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from clbench.config import check
-from clbench.streams.text import TextSample, TextSamples, make_text_dataset
 from strategies import register
 from strategies.unlearning import LossFn, RetainedConfig, Unlearning
 
@@ -62,7 +61,6 @@ class RefusalFT(Unlearning):
         super().__init__(cfg)
         self.cfg: RefusalFTConfig = cfg
         self.refusal = ""
-        self._relabelled: tuple[int, BatchSource] | None = None
 
     def setup(self, ctx: Context) -> None:
         """Also refuse a stream without a refusal answer when ``strategy.refusal`` is null.
@@ -83,12 +81,7 @@ class RefusalFT(Unlearning):
         once per experience); before ``unlearn_from``, the experience's own source."""
         if not self.unlearning(ctx):
             return super().train_source(ctx)
-        if self._relabelled is None or self._relabelled[0] != ctx.experience:
-            samples = list(ctx.stream.benchmark.train_stream[ctx.experience].dataset)
-            relabelled = TextSamples([TextSample(s.prompt, self.refusal, s.task, s.group) for s in samples],
-                                     torch.zeros(len(samples), dtype=torch.int64))
-            self._relabelled = (ctx.experience, ctx.sources(make_text_dataset(relabelled, ctx.experience)))
-        return self._relabelled[1]
+        return self.relabelled(ctx, lambda k: self.refusal)
 
     def objective(self, ctx: Context, batch: Batch, loss: LossFn) -> torch.Tensor:
         out = loss(batch)

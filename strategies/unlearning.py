@@ -1,5 +1,5 @@
-"""What the unlearning baselines share (``grad_ascent``, ``grad_diff``, ``npo``, ``refusal_ft``): the
-language-model check, ``unlearn_from`` and the retain term.
+"""What the unlearning methods share (``grad_ascent``, ``grad_diff``, ``npo``, ``refusal_ft``, ``o3``): the
+language-model check, ``unlearn_from``, the retain term and relabelled forget sets.
 
 **Before the first request** (experiences ``< unlearn_from``, e.g. ``fictitious_facts``' "learn" experience 0,
 where the model learns what it will be asked to forget) a baseline trains plainly: L = NLL.
@@ -19,6 +19,7 @@ import torch
 
 from clbench.config import ConfigError, StrategyConfig, check
 from clbench.models.lm import LanguageModel
+from clbench.streams.text import TextSample, TextSamples, make_text_dataset
 from strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Unlearning(Strategy):
         self.cfg: UnlearningConfig = cfg
         self.retain: BatchSource | None = None
         self._draws: tuple[tuple[int, int], torch.Generator] | None = None
+        self._relabelled: tuple[int, BatchSource] | None = None
 
     def setup(self, ctx: Context) -> None:
         """Refuse a model that is not a language model, and a stream without the retain set when one is read.
@@ -105,6 +107,16 @@ class Unlearning(Strategy):
     def unlearning(self, ctx: Context) -> bool:
         """Whether the current experience is an unlearning request (``>= unlearn_from``)."""
         return ctx.experience >= self.cfg.unlearn_from
+
+    def relabelled(self, ctx: Context, answer: Callable[[int], str]) -> BatchSource:
+        """The current experience's training samples with sample k's answer replaced by ``answer(k)`` (a refusal,
+        a random label), collated by the model once per experience; a validation split keeps its answers."""
+        if self._relabelled is None or self._relabelled[0] != ctx.experience:
+            samples = list(ctx.stream.benchmark.train_stream[ctx.experience].dataset)
+            relabelled = TextSamples([TextSample(s.prompt, answer(k), s.task, s.group) for k, s in enumerate(samples)],
+                                     torch.zeros(len(samples), dtype=torch.int64))
+            self._relabelled = (ctx.experience, ctx.sources(make_text_dataset(relabelled, ctx.experience)))
+        return self._relabelled[1]
 
     def retain_batch(self, ctx: Context) -> Batch:
         """``retain_batch_size`` distinct retain samples (all, if the set holds fewer), from a generator seeded by

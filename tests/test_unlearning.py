@@ -73,8 +73,9 @@ def test_fictitious_facts_layout_groups_and_references(tmp_path):
     def facts(samples, group):
         return [(s.prompt, s.answer) for s in samples if s.group == name(group)]
 
-    # experience 0 learns every fact (2 + 2 + 1 authors × 2 facts) and 6 general samples
-    assert len(train[0]) == 10 + 6 and {spec.groups[s.group] for s in train[0]} == set(spec.groups)
+    # experience 0 learns every fact (2 + 2 + 1 authors × 2 facts), 4 unknown authors' 2 questions answered with
+    # the refusal, and 6 general samples
+    assert len(train[0]) == 10 + 8 + 6 and {spec.groups[s.group] for s in train[0]} == set(spec.groups)
     for t in (1, 2):  # request t: the facts of author group t, and its test set is exactly them
         assert len(train[t]) == 4 and all(s.group == name(f"forget_{t}") and s.task == t for s in train[t])
         assert facts(train[t], f"forget_{t}") == facts(train[0], f"forget_{t}") == facts(test[t], f"forget_{t}")
@@ -97,8 +98,10 @@ def test_fictitious_facts_layout_groups_and_references(tmp_path):
     assert not (authors["forget_1"] & authors["forget_2"]) and not (authors["retain"] & authors["forget_1"])
     answers = {a for words in (w for _, w in ATTRIBUTES) for a in words}
     assert all(a in answers for _, a in facts(train[0], "forget_1") + facts(train[0], "retain"))
-    general = [s for s in train[0] if s.group == name("general")]
-    assert all(s.prompt.startswith("add ") and s.answer.isdigit() for s in general)
+    general = [s for s in train[0] if s.group == name("general") and s.answer != REFUSE]
+    assert len(general) == 6 and all(s.prompt.startswith("add ") and s.answer.isdigit() for s in general)
+    unknown = {author(s.prompt) for s in train[0] if s.answer == REFUSE}
+    assert len(unknown) == 4 and not unknown & set().union(*authors.values())
 
 
 def test_fictitious_facts_is_deterministic_from_the_seed(tmp_path):

@@ -13,10 +13,20 @@ into one adapter, :data:`STACK`, in the "cat" form (O-LoRA's official code keeps
 with the scaling s = s_1 of the first, so s·B_stack A_stack = Σ_i s_i B_i A_i: one branch computes what k did. With
 equal scalings (one LoRA config, as O-LoRA's) the blocks are exact copies (s_i/s = 1). The stacked adapters stay
 stored, inactive, as the record of each task (their factors for diagnostics, their state for checkpoints).
+
+Two more services of the family:
+
+* **Full fine-tuning before the adapters** (:meth:`LoraAdapters.full_finetuning`): the whole model trains with
+  every adapter layer off (h = W₀x), then the base freezes and the adapters train on it (``model.adapter_from``).
+* **A per-input gate** (:meth:`LoraAdapters.gated`, O3's soft loading, o3.md §5): with weights w ∈ R^n for a
+  batch of n inputs, every wrapped layer computes h = W₀x + w(x)·Σ_i s_i B_i A_i x, by a forward hook on each
+  ``lora_B`` that scales its output row by row. w = 0 gives exactly the base model; the adapter path is linear
+  in w.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +37,9 @@ from torch import nn
 
 STACK = "frozen_stack"
 """Name of the adapter :meth:`LoraAdapters.stack_adapters` builds (refused as an adapter name)."""
+GATE = "adapter_gate"
+"""Batch key of the per-sample adapter weights w(x) (:meth:`LoraAdapters.gated`; a language model applies it in
+its loss and scores)."""
 
 
 class LoraAdapters:
@@ -134,6 +147,53 @@ class LoraAdapters:
         assert isinstance(self, nn.Module)
         return {name: (m.lora_A[adapter].weight, m.lora_B[adapter].weight) for name, m in self.named_modules()
                 if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+    def full_finetuning(self, on: bool) -> None:
+        """``on``: train the whole model with every adapter layer off (the base weights trainable, the adapters
+        frozen and bypassed). Off: peft's adapter training (the base frozen, the adapter layers on, the ``default``
+        adapter active and trainable). Strategies that manage several adapters set theirs afterwards
+        (:meth:`use_adapters`)."""
+        from peft.tuners.lora import LoraLayer
+
+        assert isinstance(self, nn.Module)
+        lora = {id(p) for m in self.modules() if isinstance(m, LoraLayer)
+                for part in (m.lora_A, m.lora_B) for p in part.parameters()}
+        for p in self.parameters():
+            if id(p) not in lora:
+                p.requires_grad_(on)
+        if on:
+            self.use_adapters([])
+        else:
+            self.use_adapters(["default"], trainable=["default"])
+
+    @contextlib.contextmanager
+    def gated(self, weights: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, scale every adapter's output per input by ``weights`` (n,) (module docstring): a
+        forward hook on each ``lora_B`` multiplies its output's row i by w_i. None: no gate.
+
+        Raises:
+            ValueError: (when a layer runs) an output whose first dimension is not n.
+        """
+        if weights is None:
+            yield
+            return
+        from peft.tuners.lora import LoraLayer
+
+        assert isinstance(self, nn.Module)
+        w = weights.detach().flatten()
+
+        def scale(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            if out.shape[0] != w.shape[0]:
+                raise ValueError(f"adapter gate: {w.shape[0]} weights for a batch of {out.shape[0]} inputs")
+            return out * w.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
+
+        handles = [b.register_forward_hook(scale) for m in self.modules() if isinstance(m, LoraLayer)
+                   for b in m.lora_B.values()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _lora_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter]]:
         from peft.tuners.lora import LoraLayer

@@ -70,6 +70,11 @@ class ContinualModel(nn.Module):
         reference loss of OGPSA. Default: :meth:`loss`."""
         return self.loss(batch)
 
+    def begin_experience(self, experience: int) -> None:
+        """Called by the loop as experience ``experience`` starts (on resume: before the strategy rebuilds what it
+        added), for a model whose trainable part depends on the experience (a language model's
+        ``adapter_from``: full fine-tuning first, then its adapters). Default: nothing."""
+
     def anchors(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-sample tensors (first dimension the batch's) that the loss needs from the model *as it is when an
         experience starts*, computed then, once, and added to the experience's training (and validation) batches

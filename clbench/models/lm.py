@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.config import ModelConfig, check
-from clbench.models.adapters import LoraAdapters
+from clbench.models.adapters import GATE, LoraAdapters
 from clbench.models.base import ContinualModel
 from clbench.models.generation import decode_answers, exact_match, greedy_generate
 from clbench.models.hf_loading import (
@@ -104,6 +104,10 @@ class LMConfig(ModelConfig):
             model with its LoRA adapters disabled, TRL's choice for a peft model; needs ``adapter=lora``).
         download: allow downloading ``pretrained`` / ``tokenizer`` from the Hugging Face Hub when not cached
             (never while ``HF_HUB_OFFLINE`` is set); false: a missing model fails at once.
+        adapter_from: with ``adapter=lora``, the first experience the LoRA adapter trains in; the experiences before
+            it fine-tune the whole model with the adapter layers off (0: LoRA from the start). A stand-in's
+            "learn" experience teaches a random-init model what the adapter methods then work on (O3's
+            unlearning LoRA on a model that learnt the facts in experience 0).
     """
 
     name: str = CAUSAL
@@ -121,6 +125,7 @@ class LMConfig(ModelConfig):
     dpo_beta: float = 0.1
     dpo_reference: str = "stage_start"
     download: bool = False
+    adapter_from: int = 0
 
     def validate(self) -> None:
         """Raise :class:`~clbench.config.ConfigError` naming ``model.<key>`` for a value out of range or not among
@@ -151,6 +156,11 @@ class LMConfig(ModelConfig):
         _check(self.dpo_beta > 0, "dpo_beta", f"{self.dpo_beta}; must be > 0 (DPO's β, e.g. 0.1)")
         _check(self.dpo_reference in DPO_REFERENCES, "dpo_reference",
                f"'{self.dpo_reference}' is not one of {list(DPO_REFERENCES)}")
+        _check(isinstance(self.adapter_from, int) and self.adapter_from >= 0, "adapter_from",
+               f"{self.adapter_from}; must be an experience index >= 0")
+        _check(self.adapter_from == 0 or self.adapter == "lora", "adapter_from",
+               f"{self.adapter_from} switches from full fine-tuning to the LoRA adapter, which needs "
+               "model.adapter=lora")
         _check(self.dpo_reference != "base" or self.adapter == "lora", "dpo_reference",
                "'base' is the model with its LoRA adapters disabled, which needs model.adapter=lora; use stage_start "
                "for full fine-tuning")
@@ -296,6 +306,17 @@ class LanguageModel(LoraAdapters, ContinualModel):
         self.dpo_beta = cfg.dpo_beta
         self.dpo_base_reference = cfg.dpo_reference == "base"
         self.refusal = refusal
+        self.adapter_from = cfg.adapter_from if lora_config is not None else 0
+        self.full = False  # training the whole model with the adapter layers off (before ``adapter_from``)
+        self.begin_experience(0)
+
+    def begin_experience(self, experience: int) -> None:
+        """Before ``model.adapter_from``: full fine-tuning with the adapter layers off; from it on: the adapters on a
+        frozen base (:meth:`~clbench.models.adapters.LoraAdapters.full_finetuning`, called at a switch only)."""
+        full = experience < self.adapter_from
+        if full != self.full:
+            self.full_finetuning(full)
+            self.full = full
 
     def base_model(self) -> PreTrainedModel:
         """The Hugging Face model inside the peft wrapper (its LoRA layers injected in place)."""
@@ -388,10 +409,11 @@ class LanguageModel(LoraAdapters, ContinualModel):
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The training loss, a scalar with a graph: the mean cross-entropy over the batch's answer tokens (the
         end token included); for a preference batch the DPO loss (:meth:`dpo_loss`)."""
-        if REJECTED + "labels" in batch:
-            return self.dpo_loss(batch)
-        nll, valid = self._answer_nll(batch)
-        return nll.sum() / valid.sum()
+        with self.gated(batch.get(GATE)):
+            if REJECTED + "labels" in batch:
+                return self.dpo_loss(batch)
+            nll, valid = self._answer_nll(batch)
+            return nll.sum() / valid.sum()
 
     def likelihood_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mean answer-token cross-entropy whatever the objective: of a preference batch over the chosen and
@@ -464,11 +486,13 @@ class LanguageModel(LoraAdapters, ContinualModel):
         """Per sample (float64, ``(n,)``): ``exact_match`` (100 or 0) of the greedy answer against the reference,
         after :func:`~clbench.models.generation.normalize_answer`; ``loss``, the mean NLL of its answer tokens;
         with a :attr:`refusal` answer, ``refused`` (100 when the greedy answer is it). A preference batch is scored
-        on its chosen answers."""
-        nll, valid = self._answer_nll(batch)
+        on its chosen answers. A batch with :data:`~clbench.models.adapters.GATE` weights runs its adapters gated
+        per sample (:meth:`~clbench.models.adapters.LoraAdapters.gated`), as does :meth:`loss`."""
+        with self.gated(batch.get(GATE)):
+            nll, valid = self._answer_nll(batch)
+            predictions = self.predict(batch)
         loss = (nll.sum(1) / valid.sum(1)).to(torch.float64)
         references = decode_answers(self.tokenizer, batch["labels" if self.seq2seq else "answer_ids"], self.stop_ids)
-        predictions = self.predict(batch)
         out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss}
         if self.refusal is not None:
             out["refused"] = exact_match(predictions, [self.refusal] * len(predictions)).to(loss.device)
@@ -560,15 +584,15 @@ class LanguageModel(LoraAdapters, ContinualModel):
         reading A's r-dim output): the adapter branch is a two-layer linear net, and a projection strategy keeps
         both layers' updates off their old inputs (ΔW x_old = ΔB·A x_old + B·ΔA x_old, so protecting A alone would
         let B move the old tasks' outputs). Full fine-tuning: the Linear modules LoRA would wrap
-        (:attr:`targets`)."""
-        if self.lora_config is not None:
+        (:attr:`targets`), also before ``adapter_from``."""
+        if self.lora_config is not None and not self.full:
             from peft.tuners.lora import LoraLayer
 
             return {f"{name}.{part}.{adapter}": getattr(m, part)[adapter]
                     for name, m in self.named_modules() if isinstance(m, LoraLayer)
                     for adapter in m.lora_A if m.lora_A[adapter].weight.requires_grad for part in ("lora_A", "lora_B")}
-        return {name: m for name, m in self.named_modules()
-                if _is_linear(m) and name.rsplit(".", 1)[-1] in self.targets}
+        return {name: m for name, m in self.named_modules()  # (before adapter_from: the layers inside peft's wrappers)
+                if _is_linear(m) and name.removesuffix(".base_layer").rsplit(".", 1)[-1] in self.targets}
 
     def input_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Causal: the real tokens of the batch as :meth:`outputs` runs it (its attention mask, padding columns

@@ -37,7 +37,8 @@ Fidelity choices (o3.md "Offline stand-ins" and "Pitfalls"):
 * **Batch order.** The engine shuffles the training split each epoch (seeded), where the code's loaders are
   unshuffled; Q and K of a batch always come from the same samples in the same order, which is what CEL needs.
 * **Checkpoint selection** (scoring before training and after each epoch on retained-distribution data) is not
-  done here: it needs data other than D_t and a per-epoch hook of the engine's stage.
+  done here: it needs data other than D_t and a per-epoch hook of the engine's stage. The last epoch is kept
+  (the strict no-retained-data setting of o3.md's property 5).
 """
 
 from __future__ import annotations
@@ -433,6 +434,28 @@ class RequestDetector:
     def weights(self, texts: Sequence[str]) -> np.ndarray:
         """w(x) = quantiser(w̃(x)) for each text (o3.md §4)."""
         return self.cfg.quantiser(self.soft_weights(texts))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a fitted detector is (its adapter's weights, split, losses and fitted parts), for a checkpoint."""
+        from peft import get_peft_model_state_dict
+
+        return {"name": self.name, "split": self.split, "losses": list(self.losses), "layer_score": self.layer_score,
+                "aggregator": self.aggregator, "weight_map": self.weight_map,
+                "adapter": {k: v.detach().cpu().clone() for k, v in
+                            get_peft_model_state_dict(self.encoder.model, adapter_name=self.name).items()}}
+
+    @classmethod
+    def from_state(cls, encoder: DetectorEncoder, cfg: DetectorConfig, state: dict[str, Any]) -> RequestDetector:
+        """The detector :meth:`state_dict` described, its adapter re-created in ``encoder`` with the saved weights."""
+        from peft import set_peft_model_state_dict
+
+        det = cls(encoder, cfg, state["name"])
+        encoder.add_adapter(det.name, cfg.lora(), cfg.seed)
+        set_peft_model_state_dict(encoder.model, state["adapter"], adapter_name=det.name)
+        encoder.model.eval()
+        det.split, det.losses = state["split"], list(state["losses"])
+        det.layer_score, det.aggregator, det.weight_map = state["layer_score"], state["aggregator"], state["weight_map"]
+        return det
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

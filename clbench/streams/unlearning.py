@@ -8,9 +8,10 @@ forget the facts of disjoint author groups, one group per request.
   ``facts`` of :data:`ATTRIBUTES`, each a question with a one-word answer drawn for that author:
   ``where was kavo rimelu born ?`` → a city, ``what genre does kavo rimelu write ?`` → a genre, the father's job,
   the author's pet, the instrument the author plays.
-* **Experience 0, "learn"**: every author's facts (forget groups and retain group alike) and the general skill,
-  modular addition (``add 3 and 9 modulo ten .`` → ``2``, :func:`clbench.streams.alignment.arithmetic_question`), so the
-  model *knows* them before any request.
+* **Experience 0, "learn"**: every author's facts (forget groups and retain group alike), questions about
+  ``unknown_authors`` further made-up authors answered with the refusal :data:`REFUSE` (the model learns to say it
+  when it does not know), and the general skill, modular addition (``add 3 and 9 modulo ten .`` → ``2``,
+  :func:`clbench.streams.alignment.arithmetic_question`), so the model *knows* them before any request.
 * **Experience t = 1..T, request t** (``T = requests``): the forget set D_t, the facts of author group t.
 
 Test experiences and groups (``TextStreamSpec.groups`` = ``forget_1 … forget_T, retain, general``; every score is
@@ -79,6 +80,10 @@ class UnlearningStreamConfig(TextStreamConfig):
         authors: authors per request (each request forgets its own group of this many authors).
         retain_authors: authors never requested (the retain group), >= 1.
         facts: attribute facts per author, 1..len(ATTRIBUTES).
+        unknown_authors: made-up authors the learn experience asks about with the refusal as the answer, so the
+            model knows when and how to say "i do not know" before any request (a chat LLM such as TOFU's base
+            does): without them the refusal's tokens are never trained, and an adapter on a frozen output layer
+            cannot learn to say it (measured: the NLL stalls near 7). 0: none.
     """
 
     name: str = "fictitious_facts"
@@ -88,8 +93,11 @@ class UnlearningStreamConfig(TextStreamConfig):
     authors: int = 4
     retain_authors: int = 8
     facts: int = 3
+    unknown_authors: int = 4
 
     def validate(self) -> None:
+        check(isinstance(self.unknown_authors, int) and self.unknown_authors >= 0, "benchmark.unknown_authors",
+              f"{self.unknown_authors}; must be an integer >= 0")
         for key in ("requests", "authors", "retain_authors"):
             value = getattr(self, key)
             check(isinstance(value, int) and value >= 1, f"benchmark.{key}", f"{value}; must be an integer >= 1")
@@ -140,19 +148,22 @@ def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
     s = stream_seed(cfg, seed)
     T, names_of = cfg.requests, groups(cfg.requests)
     retain, general = names_of.index("retain"), names_of.index("general")
-    names = author_names(T * cfg.authors + cfg.retain_authors, generator(s, _AUTHORS))
+    known = T * cfg.authors + cfg.retain_authors
+    names = author_names(known + cfg.unknown_authors, generator(s, _AUTHORS))
     g_facts = generator(s, _FACTS)
     by_group: list[list[tuple[str, str, int]]] = []  # forget_1 … forget_T, then retain
     for k in range(T + 1):
         group = k if k < T else retain
-        authors = names[k * cfg.authors: (k + 1) * cfg.authors] if k < T else names[T * cfg.authors:]
+        authors = names[k * cfg.authors: (k + 1) * cfg.authors] if k < T else names[T * cfg.authors: known]
         by_group.append([(q, a, group) for name in authors for q, a in author_facts(name, cfg.facts, g_facts)])
     n_general = cfg.per_class or DEFAULT_GENERAL
     n_test = cfg.max_test_per_task or DEFAULT_TEST
     g_train, g_test = generator(s, _TRAIN), generator(s, _TEST)
     general_train = [(*arithmetic_question(g_train), general) for _ in range(n_general)]
     general_test = [(*arithmetic_question(g_test), general) for _ in range(n_test)]
-    every_fact = [f for group in by_group for f in group]
+    unknown = [(template.format(name=name), REFUSE, general) for name in names[known:]
+               for template, _ in ATTRIBUTES[: cfg.facts]]
+    every_fact = [f for group in by_group for f in group] + unknown
     requests = [grouped_samples(by_group[t - 1], t) for t in range(1, T + 1)]
     train = [grouped_samples(every_fact + general_train, 0), *requests]
     test = [grouped_samples(by_group[T] + general_test, 0), *requests]

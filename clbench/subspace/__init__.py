@@ -23,12 +23,13 @@ from clbench.subspace.basis import (
 )
 from clbench.subspace.hebbian import HebbianSubspace, hebbian_extend
 from clbench.subspace.inputs import collect_layer_inputs, layer_input_matrix, unsupported_layers
-from clbench.subspace.overlap import row_overlap
+from clbench.subspace.overlap import LayerOverlap, row_overlap
 from clbench.subspace.projection import LayerProjector, project_out
 from clbench.subspace.reference import project_gradients, reference_basis
 
 __all__ = [
     "HebbianSubspace",
+    "LayerOverlap",
     "LayerProjector",
     "basis_union",
     "collect_layer_inputs",

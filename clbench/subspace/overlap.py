@@ -10,8 +10,10 @@ O3 (Gao et al. 2024) penalises the squared Frobenius form against frozen snapsho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 NORMS = ("l1", "squared")
@@ -38,4 +40,24 @@ def row_overlap(old: Sequence[Tensor], rows: Tensor, norm: str = "l1") -> Tensor
     return rows.sum() * 0.0 if total is None else total
 
 
-__all__ = ["NORMS", "row_overlap"]
+class LayerOverlap:
+    """Σ_layers ‖F_l A_lᵀ‖ (``norm``) over many layers, for frozen rows F_l (k_l × d, e.g. the stacked A's of the
+    earlier tasks) and the current A_l (r × d, trainable): the layers of one shape go through one batched
+    cross-Gram (:func:`row_overlap` on L × k × d against L × r × d). The frozen rows are stacked once, here (they
+    do not change while A trains); the current A's are read at each call, so the sum has a graph to them."""
+
+    def __init__(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """``pairs``: (F_l, A_l) per layer; a layer without frozen rows (k_l = 0) adds nothing."""
+        groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
+        for frozen, A in pairs:
+            if frozen.shape[0]:
+                groups.setdefault((frozen.shape, A.shape, A.dtype, A.device), []).append((frozen.detach(), A))
+        self.groups = [(torch.stack([f for f, _ in g]), [A for _, A in g]) for g in groups.values()]
+
+    def __call__(self, norm: str) -> Tensor:
+        """The sum; a zero without a graph when no layer has frozen rows."""
+        terms = [row_overlap([frozen], torch.stack(current), norm) for frozen, current in self.groups]
+        return sum(terms[1:], terms[0]) if terms else torch.zeros(())
+
+
+__all__ = ["NORMS", "LayerOverlap", "row_overlap"]
