@@ -45,9 +45,10 @@ class Trainer(Protocol):
 
     def stage(self, ctx: Context, loss_fn: Callable[[Batch], torch.Tensor], params: Iterable[torch.nn.Parameter],
               source: BatchSource, epochs: int, lr: float, batch_size: int | None = None,
-              key: int = 0) -> list[float]:
+              key: int = 0, on_epoch_end: Callable[[int, float], None] | None = None) -> list[float]:
         """Train ``params`` on ``loss_fn`` over ``source``: an extra stage (a detector, a DPO pass) with the
-        engine's optimizer kind, accumulation, clipping and warm-up; each epoch's mean loss."""
+        engine's optimizer kind, accumulation, clipping and warm-up, calling ``on_epoch_end(epoch, loss)`` after
+        each epoch; each epoch's mean loss."""
         ...
 
     def validation_loss(self, ctx: Context) -> float | None:

@@ -226,11 +226,13 @@ class Engine:
         ctx.step += 1
 
     def stage(self, ctx: Context, loss_fn: LossFn, params: Iterable[torch.nn.Parameter], source: BatchSource,
-              epochs: int, lr: float, batch_size: int | None = None, key: int = 0) -> list[float]:
+              epochs: int, lr: float, batch_size: int | None = None, key: int = 0,
+              on_epoch_end: Callable[[int, float], None] | None = None) -> list[float]:
         """Train ``params`` on ``loss_fn`` over ``source`` for ``epochs`` with a fresh optimizer of the engine's
         kind at ``lr`` and the engine's accumulation, clipping and warm-up (its own step clock): a strategy's
-        extra stage. The batch order is seeded from (seed, experience, key, epoch). Returns each epoch's mean
-        loss. ``ctx.step`` is left as it was."""
+        extra stage. The batch order is seeded from (seed, experience, key, epoch). ``on_epoch_end(epoch, loss)``
+        runs after each epoch (e.g. a checkpoint selection). Returns each epoch's mean loss. ``ctx.step`` is left
+        as it was."""
         optimizer = self.optimizer(params, ctx.experience, lr=lr)
         saved_step, ctx.step = ctx.step, 0
         losses = []
@@ -239,6 +241,8 @@ class Engine:
                 order = ctx.generator(_STAGE_KEY, key, epoch)
                 batches = source.batches(batch_size or self.cfg.batch_size, shuffle=True, generator=order)
                 losses.append(self._epoch(ctx, batches, loss_fn, optimizer, lr, None, stage=(epoch, epochs)))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, losses[-1])
         finally:
             ctx.step = saved_step
         return losses

@@ -37,8 +37,10 @@ alone: what the gate protects, o3.md's "forcing w ≡ 1").
 detector's only loss); hard vs soft gate ``gate=hard``; local-only ``detector.global_score=false``; global-only
 ``detector.local_score=false``.
 
-**Not done:** the detector's checkpoint selection on retained-distribution data (the code's; it needs a per-epoch
-hook in the engine's stage), MLM with a pretrained head (the offline MiniLM ships none; ``detector.mlm=
+**Checkpoint selection** of each detector on retained-distribution data (the code's) is ``select_on``, off by
+default: the paper claims no retained data, and with it off the detector sees D_t alone.
+
+**Not done:** MLM with a pretrained head (the offline MiniLM ships none; ``detector.mlm=
 train_head`` trains a new one), the loss on the prompt for random relabelling.
 """
 
@@ -120,6 +122,10 @@ class O3Config(UnlearningConfig):
         quantiser: ``scienceqa`` (the code's default), ``tofu``, or a list of rows.
         detector: :class:`clbench.ood.DetectorConfig` keys over the code's ScienceQA settings (``encoder``,
             ``max_length``, ``epochs``, ``lr``, ``nu``, ``local_score``, ``global_score``, …).
+        select_on: a reference set of the stream (``Stream.references``, e.g. ``fictitious_facts``' ``retain``)
+            whose prompts serve as the OOD validation data of the detectors' checkpoint selection (the code's,
+            on retained-distribution data); null (default): no selection, the detector sees D_t only (the
+            paper's no-retained-data claim, o3.md property 5). Logged as ``o3_detector_selected_epoch/<t>``.
     """
 
     lambda_o: float = 0.1
@@ -131,6 +137,7 @@ class O3Config(UnlearningConfig):
     hard_threshold: float = 0.5
     quantiser: Any = "scienceqa"
     detector: dict[str, Any] = field(default_factory=dict)
+    select_on: str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -188,6 +195,7 @@ class O3(Unlearning):
         self._weights: dict[tuple[str, int], np.ndarray] = {}  # (detector, test experience) → w (or w̃ for hard)
         self._scores: dict[str, float] = {}
         self._saved: dict[str, Any] | None = None
+        self.select_texts: list[str] | None = None
 
     # ---------------------------------------------------------------------------------------------- checks
     def _model(self, ctx: Context) -> LoraAdapters:
@@ -225,6 +233,13 @@ class O3(Unlearning):
                 except ValueError as err:
                     raise ConfigError(f"bad value for 'strategy.detector.train_fraction': request {e - start + 1} "
                                       f"(experience {e}): {err}") from None
+        if self.cfg.select_on is not None:
+            available = getattr(ctx.stream, "references", {})
+            check(self.cfg.select_on in available, "strategy.select_on",
+                  f"'{self.cfg.select_on}' is not a reference set of benchmark '{ctx.stream.spec.name}' (it has "
+                  f"{sorted(available) or 'none'}); name one, or null (no checkpoint selection)")
+            self.select_texts = [s.prompt for s in available[self.cfg.select_on]]
+            check(len(self.select_texts) > 0, "strategy.select_on", f"reference set '{self.cfg.select_on}' is empty")
         names = list(self._model(ctx).lora_factors("default"))
         self.n_layers = layer_count(names)
 
@@ -291,9 +306,12 @@ class O3(Unlearning):
             cfg = DetectorConfig(**{f.name: getattr(self.detector_cfg, f.name) for f in fields(DetectorConfig)
                                     if f.name != "seed"}, seed=hash_seed(ctx.seed, _DETECTOR_KEY, r))
             detector = RequestDetector(self._encoder(ctx), cfg, f"request{r + 1}")
-            losses = detector.fit(texts, ctx.trainer.stage, ctx, key=_DETECTOR_KEY)
+            losses = detector.fit(texts, ctx.trainer.stage, ctx, key=_DETECTOR_KEY, select_on=self.select_texts)
             self.detectors.append(detector)
             self._scores |= {f"o3_detector_loss/{r + 1}": losses[-1]} if losses else {}
+            if detector.selected_epoch is not None:
+                self._scores[f"o3_detector_selected_epoch/{r + 1}"] = float(detector.selected_epoch)
+                self._scores[f"o3_detector_selection_acc/{r + 1}"] = max(detector.selection)
 
     # ---------------------------------------------------------------------------------------------- inference
     def gate_weights(self, ctx: Context, task: int) -> np.ndarray:

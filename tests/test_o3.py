@@ -145,7 +145,7 @@ def test_penalty_is_the_explicit_formula_and_reaches_only_the_current_A(tmp_path
                 s[layer][:, A.shape[1] // 2:] = 0
                 A[:, : A.shape[1] // 2] = 0
     strategy.attach(ctx)
-    assert float(strategy.penalty(ctx, None)) == 0.0
+    assert float(strategy.penalty(ctx, None).detach()) == 0.0
 
 
 # ------------------------------------------------------------------------- bad input
@@ -170,6 +170,7 @@ def test_bad_o3_keys_are_named_before_training(tmp_path, override, key):
     (("model.adapter=none", "model.adapter_from=0"), "model.adapter"),
     (("model.adapter_from=0",), "model.adapter_from"),
     (("benchmark.facts=2",), "strategy.detector.train_fraction"),  # 4 forget facts: 3 / 1 cannot split
+    (("strategy.select_on=forget",), "strategy.select_on"),  # not a reference set of the stream
 ])
 def test_o3_refuses_a_model_or_stream_it_cannot_unlearn(tmp_path, overrides, key):
     from clbench.experiment import run
@@ -187,12 +188,14 @@ def store(tmp_path_factory):
 
 
 def test_o3_resumed_mid_request_equals_the_uninterrupted_run(store, monkeypatch):
-    """Killed in the second request, after request 1's detector was fitted and checkpointed: the resumed run
-    re-creates that detector (its encoder adapter, score, SVM and weight map) and the snapshot, and ends with the
-    same matrices; every request's inputs still load the LoRA at the end (max over detectors)."""
+    """Killed in the second request, after request 1's detector was fitted (with checkpoint selection on the
+    retain set) and checkpointed: the resumed run re-creates that detector (its encoder adapter, score, SVM and
+    weight map) and the snapshot, and ends with the same matrices; every request's inputs still load the LoRA at
+    the end (max over detectors)."""
     import clbench.checkpoint
 
-    cfg = run_config(store / "resume", *SMALL, "engine.epochs=2", "engine.lr=0.01", "engine.first_lr=0.003")
+    cfg = run_config(store / "resume", *SMALL, "engine.epochs=2", "engine.lr=0.01", "engine.first_lr=0.003",
+                     "strategy.select_on=retain")
     whole, resumed = killed_and_resumed(cfg, monkeypatch, task=2, epoch=0)
     np.testing.assert_array_equal(whole.R, resumed.R)
     for name, M in whole.others.items():
@@ -201,3 +204,5 @@ def test_o3_resumed_mid_request_equals_the_uninterrupted_run(store, monkeypatch)
     assert len(state["snapshots"]) == 2 and len(state["detectors"]) == 2
     assert state["scores"]["o3_orth/2"] > 0  # the single adapter starts request 2 at its own snapshot
     assert state["scores"]["o3_gate_mean/1"] > 0 and state["scores"]["o3_gate_mean/2"] > 0
+    assert all(len(d["selection"]) == 2 and d["selected_epoch"] in (0, 1) for d in state["detectors"])
+    assert state["scores"]["o3_detector_selected_epoch/2"] == state["detectors"][1]["selected_epoch"]

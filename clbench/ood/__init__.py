@@ -19,6 +19,7 @@ from clbench.ood.scores import (
     Quantiser,
     WeightMap,
     contrastive_entropy,
+    detection_accuracy,
     max_over_detectors,
     validate_bands,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "StageFn",
     "WeightMap",
     "contrastive_entropy",
+    "detection_accuracy",
     "max_over_detectors",
     "validate_bands",
 ]

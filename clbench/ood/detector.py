@@ -36,9 +36,13 @@ Fidelity choices (o3.md "Offline stand-ins" and "Pitfalls"):
   copy could not be confirmed from o3.md.
 * **Batch order.** The engine shuffles the training split each epoch (seeded), where the code's loaders are
   unshuffled; Q and K of a batch always come from the same samples in the same order, which is what CEL needs.
-* **Checkpoint selection** (scoring before training and after each epoch on retained-distribution data) is not
-  done here: it needs data other than D_t and a per-epoch hook of the engine's stage. The last epoch is kept
-  (the strict no-retained-data setting of o3.md's property 5).
+* **Checkpoint selection** (o3.md §2 and property 5): with ``select_on`` texts (retained-distribution data, the
+  code's OOD validation set), the detector is scored before training and after every epoch (the stage's
+  ``on_epoch_end``) and the adapter of the best epoch is kept. The score: the score parts refitted on the training
+  split at that epoch, then the best balanced accuracy over thresholds of w̃ between the held-out ID split and
+  the ``select_on`` texts (:func:`~clbench.ood.scores.detection_accuracy`; the code's exact "ID-vs-OOD accuracy"
+  could not be read, so this rule is a reconstruction). Without ``select_on`` the last epoch is kept: the strict
+  setting, in which the detector sees D_t alone.
 """
 
 from __future__ import annotations
@@ -56,7 +60,16 @@ import torch
 from torch import Tensor
 
 from clbench.models.hf_loading import package_folder
-from clbench.ood.scores import SCIENCEQA, SVM_SCORES, Aggregator, LayerScore, Quantiser, WeightMap, contrastive_entropy
+from clbench.ood.scores import (
+    SCIENCEQA,
+    SVM_SCORES,
+    Aggregator,
+    LayerScore,
+    Quantiser,
+    WeightMap,
+    contrastive_entropy,
+    detection_accuracy,
+)
 from clbench.streams.batches import TensorBatchSource
 
 if TYPE_CHECKING:
@@ -82,7 +95,7 @@ class StageFn(Protocol):
 
     def __call__(self, ctx: Any, loss_fn: Callable[[Batch], Tensor], params: Iterable[torch.nn.Parameter],
                  source: BatchSource, epochs: int, lr: float, batch_size: int | None = None,
-                 key: int = 0) -> list[float]: ...
+                 key: int = 0, on_epoch_end: Callable[[int, float], None] | None = None) -> list[float]: ...
 
 
 @dataclass
@@ -291,6 +304,8 @@ class RequestDetector:
         name: the request's adapter name (e.g. ``req0``).
         split: (training indices, held-out indices) into the texts given to :meth:`fit`.
         losses: the stage's mean loss per epoch.
+        selection: with checkpoint selection, the detection accuracy before training and after each epoch.
+        selected_epoch: the epoch kept (0: before training; None: no selection, the last one).
         layer_score, aggregator, weight_map: the fitted parts (None before :meth:`fit`).
     """
 
@@ -305,6 +320,8 @@ class RequestDetector:
         self.layer_score: LayerScore | None = None
         self.aggregator: Aggregator | None = None
         self.weight_map: WeightMap | None = None
+        self.selection: list[float] = []
+        self.selected_epoch: int | None = None
         self._masking = torch.Generator().manual_seed(cfg.seed)
 
     def split_texts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -370,35 +387,67 @@ class RequestDetector:
         loss = contrastive_entropy(self.pool(states, mask), self.pool(keys, mask))
         return loss + mlm_loss if mlm_loss is not None else loss
 
-    def fit(self, texts: Sequence[str], stage: StageFn, ctx: Any, key: int = 0) -> list[float]:
+    def fit(self, texts: Sequence[str], stage: StageFn, ctx: Any, key: int = 0,
+            select_on: Sequence[str] | None = None) -> list[float]:
         """Split ``texts`` (the request's forget set D_t), train the request's adapter through ``stage`` (called
-        as ``stage(ctx, loss_fn, params, source, epochs, lr, batch_size, key)``), then fit the layer score, the
-        One-Class SVM and the weight map. Returns the stage's loss per epoch.
+        as ``stage(ctx, loss_fn, params, source, epochs, lr, batch_size, key, on_epoch_end)``), then fit the layer
+        score, the One-Class SVM and the weight map. With ``select_on`` (retained-distribution texts), keep the
+        adapter of the epoch (0: before training) whose detection accuracy between the held-out split and them is
+        best (module docstring); :attr:`selection` holds each epoch's accuracy, :attr:`selected_epoch` the choice.
+        Returns the stage's loss per epoch.
 
         Raises:
-            ValueError: an empty or too small forget set (:meth:`split_texts`), or an adapter named ``name``
-                exists in the encoder already.
+            ValueError: an empty or too small forget set (:meth:`split_texts`), an adapter named ``name`` exists in
+                the encoder already, or ``select_on`` is given but empty.
         """
+        if select_on is not None and not select_on:
+            raise ValueError(f"detector {self.name}: select_on is empty; give retained-distribution texts or None")
         train_idx, heldout_idx = self.split = self.split_texts(len(texts))
-        train_texts = [texts[i] for i in train_idx]
+        train_texts, heldout_texts = [texts[i] for i in train_idx], [texts[i] for i in heldout_idx]
         self.encoder.add_adapter(self.name, self.cfg.lora(), self.cfg.seed)
         model = self.encoder.model
         params = [p for p in model.parameters() if p.requires_grad]  # the new adapter's only (peft's set_adapter)
-        self.losses = []
+        self.losses, self.selection, self.selected_epoch = [], [], None
+        best: list[Any] = []  # [accuracy, epoch, the adapter's tensors]
+
+        def select(epoch: int, loss: float | None = None) -> None:
+            """Score the adapter as it is after ``epoch`` (−1: before training); keep it if it is the best yet."""
+            assert select_on is not None
+            training = model.training
+            self._fit_score(train_texts, heldout_texts)
+            acc = detection_accuracy(self.soft_weights(heldout_texts), self.soft_weights(select_on))
+            model.train(training)
+            self.selection.append(acc)
+            if not best or acc > best[0]:
+                best[:] = [acc, epoch + 1, [p.detach().clone() for p in params]]
+
+        if select_on is not None:
+            select(-1)
         if self.cfg.epochs > 0:
             model.train()
             try:
                 self.losses = stage(ctx, self.loss, params, TensorBatchSource(**self.tokenize(train_texts)),
-                                    epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, key=key)
+                                    epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, key=key,
+                                    on_epoch_end=select if select_on is not None else None)
             finally:
                 model.eval()
+        if best:
+            with torch.no_grad():
+                for p, kept in zip(params, best[2], strict=True):
+                    p.copy_(kept)
+            self.selected_epoch = best[1]
+        self._fit_score(train_texts, heldout_texts)
+        return self.losses
+
+    def _fit_score(self, train_texts: Sequence[str], heldout_texts: Sequence[str]) -> None:
+        """Fit the layer score and the One-Class SVM on the training split's features and the weight map on g of
+        both splits, for the adapter as it is."""
         train_feats = self.features(train_texts)
-        heldout_feats = self.features([texts[i] for i in heldout_idx])
         self.layer_score = LayerScore.fit(train_feats, local=self.cfg.local_score, global_=self.cfg.global_score)
         s_train = self.layer_score(train_feats)
         self.aggregator = Aggregator.fit(s_train, nu=self.cfg.nu, method=self.cfg.svm_score)
-        self.weight_map = WeightMap.fit(self.aggregator(s_train), self.aggregator(self.layer_score(heldout_feats)))
-        return self.losses
+        self.weight_map = WeightMap.fit(self.aggregator(s_train),
+                                        self.aggregator(self.layer_score(self.features(heldout_texts))))
 
     @torch.no_grad()
     def features(self, texts: Sequence[str]) -> np.ndarray:
@@ -439,7 +488,8 @@ class RequestDetector:
         """What a fitted detector is (its adapter's weights, split, losses and fitted parts), for a checkpoint."""
         from peft import get_peft_model_state_dict
 
-        return {"name": self.name, "split": self.split, "losses": list(self.losses), "layer_score": self.layer_score,
+        return {"name": self.name, "split": self.split, "losses": list(self.losses), "selection": list(self.selection),
+                "selected_epoch": self.selected_epoch, "layer_score": self.layer_score,
                 "aggregator": self.aggregator, "weight_map": self.weight_map,
                 "adapter": {k: v.detach().cpu().clone() for k, v in
                             get_peft_model_state_dict(self.encoder.model, adapter_name=self.name).items()}}
@@ -454,6 +504,7 @@ class RequestDetector:
         set_peft_model_state_dict(encoder.model, state["adapter"], adapter_name=det.name)
         encoder.model.eval()
         det.split, det.losses = state["split"], list(state["losses"])
+        det.selection, det.selected_epoch = list(state["selection"]), state["selected_epoch"]
         det.layer_score, det.aggregator, det.weight_map = state["layer_score"], state["aggregator"], state["weight_map"]
         return det
 

@@ -133,8 +133,8 @@ class LayerScore:
             cos = np.einsum("mld,lnd->mln", _unit(z), self.bank)
             score -= LOCAL_SCALE * cos.max(axis=2)
         if self.global_:
-            centred = z - self.mean
-            score -= 0.5 * np.einsum("mld,lde,mle->ml", centred, self.precision, centred)
+            centred = (z - self.mean).transpose(1, 0, 2)  # (L, m, d): one BLAS product per layer
+            score -= 0.5 * ((centred @ self.precision) * centred).sum(axis=2).T
         return score
 
 
@@ -367,6 +367,23 @@ TOFU = Quantiser((Band(0.2, 0.32, scale=10.0, power=2.0, high_closed=False),
 
 QUANTISERS: dict[str, Quantiser] = {q.name: q for q in (SCIENCEQA, TOFU)}
 """The named presets."""
+
+
+def detection_accuracy(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """The best balanced accuracy of telling in-distribution inputs (higher scores) from OOD ones by a threshold:
+    max_τ ½(P[s_in ≥ τ] + P[s_out < τ]), in [0.5, 1] (τ above every score gives ½). O3's detector checkpoint
+    selection compares epochs by it (:meth:`clbench.ood.RequestDetector.fit`).
+
+    Raises:
+        ValueError: either set is empty.
+    """
+    pos, neg = np.asarray(in_scores, dtype=np.float64).ravel(), np.asarray(out_scores, dtype=np.float64).ravel()
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"detection_accuracy: {pos.size} in-distribution and {neg.size} OOD scores; both needed")
+    taus = np.append(np.unique(np.concatenate([pos, neg])), np.inf)
+    tpr = (pos[None, :] >= taus[:, None]).mean(axis=1)
+    tnr = (neg[None, :] < taus[:, None]).mean(axis=1)
+    return float((0.5 * (tpr + tnr)).max())
 
 
 def max_over_detectors(weights: Sequence[np.ndarray], n: int) -> np.ndarray:
