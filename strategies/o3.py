@@ -58,6 +58,7 @@ from clbench.config import ConfigError, check
 from clbench.context import hash_seed
 from clbench.models.adapters import GATE, LoraAdapters
 from clbench.ood import QUANTISERS, DetectorConfig, DetectorEncoder, Quantiser, RequestDetector, max_over_detectors
+from clbench.ood.detector import encoder_folder
 from clbench.subspace import LayerOverlap
 from strategies import register
 from strategies.unlearning import Unlearning, UnlearningConfig
@@ -208,8 +209,8 @@ class O3(Unlearning):
         a stream without a refusal (``relabel=refusal``), a forget set too small for a detector's split.
 
         Raises:
-            ConfigError: naming ``model.adapter``, ``model.adapter_from``, ``strategy.refusal`` or
-                ``strategy.detector.train_fraction``.
+            ConfigError: naming ``model.adapter``, ``model.adapter_from``, ``strategy.refusal``,
+                ``strategy.detector.encoder`` (no model in that folder) or ``strategy.detector.train_fraction``.
         """
         super().setup(ctx)
         module = ctx.module
@@ -226,6 +227,10 @@ class O3(Unlearning):
             assert refusal is not None
             self.refusal = refusal
         if self.cfg.gate != "always":
+            try:  # the encoder loads after the first request has trained: a missing one must fail now
+                encoder_folder(self.detector_cfg.encoder)
+            except FileNotFoundError as err:
+                raise ConfigError(f"bad value for 'strategy.detector.encoder': {err}") from None
             probe = RequestDetector(DetectorEncoder(self.detector_cfg.encoder), self.detector_cfg, "probe")
             for e in range(start, ctx.n_experiences):
                 try:

@@ -15,8 +15,8 @@ from helpers import CONF, run_config
 from clbench.experiment import run
 
 ALL = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-EXPERIMENTS = [e for e in ALL if not e.startswith(("olora_", "ogpsa_"))]  # the vision papers' (O-LoRA's:
-# tests/test_lm.py; OGPSA's: tests/test_alignment_real.py)
+EXPERIMENTS = [e for e in ALL if not e.startswith(("olora_", "ogpsa_", "o3_"))]  # the vision papers' (O-LoRA's:
+# tests/test_lm.py; OGPSA's: tests/test_alignment_real.py; O3's: tests/test_unlearning_real.py)
 
 
 def test_every_paper_experiment_is_there():
@@ -24,7 +24,8 @@ def test_every_paper_experiment_is_there():
                                                                           "miniimagenet")]
     olora = ["olora_t5", *(f"olora_t5_order{k}" for k in range(1, 7))]  # the shared T5 setting and its 6 orders
     ogpsa = ["ogpsa_qwen_sft", "ogpsa_qwen_dpo", "ogpsa_qwen_sft_dpo", "ogpsa_llama_sft_dpo"]
-    assert sorted(vision + olora + ogpsa) == ALL
+    o3 = ["o3_scienceqa", "o3_tofu"]
+    assert sorted(vision + olora + ogpsa + o3) == ALL
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

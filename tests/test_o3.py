@@ -171,6 +171,7 @@ def test_bad_o3_keys_are_named_before_training(tmp_path, override, key):
     (("model.adapter_from=0",), "model.adapter_from"),
     (("benchmark.facts=2",), "strategy.detector.train_fraction"),  # 4 forget facts: 3 / 1 cannot split
     (("strategy.select_on=forget",), "strategy.select_on"),  # not a reference set of the stream
+    (("+strategy.detector.encoder=/nonexistent/roberta-large",), "strategy.detector.encoder"),
 ])
 def test_o3_refuses_a_model_or_stream_it_cannot_unlearn(tmp_path, overrides, key):
     from clbench.experiment import run

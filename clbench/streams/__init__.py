@@ -28,7 +28,10 @@ Registered streams:
   ``ogpsa_alignment`` (:mod:`clbench.streams.alignment_real`): OGPSA's safety SFT / DPO stages and reference sets
   read from the official code's data files (``OGPSA/`` under ``benchmark.data_root``);
   ``fictitious_facts`` (:mod:`clbench.streams.unlearning`): made-up authors' facts and a general skill learnt, then
-  unlearning requests that forget disjoint author groups, with a retain reference set (O3's TOFU-shaped stand-in).
+  unlearning requests that forget disjoint author groups, with a retain reference set (O3's TOFU-shaped stand-in);
+  ``scienceqa_unlearning``, ``tofu_unlearning``, ``clinc_unlearning`` (:mod:`clbench.streams.unlearning_real`): O3's
+  three task families read from ``ScienceQA/`` (+ ``CommonsenseQA/``, ``OpenBookQA/``), ``TOFU/`` and
+  ``CLINC150/`` under ``benchmark.data_root``, one request per experience.
 """
 
 from clbench.streams import alignment as _alignment
@@ -37,6 +40,7 @@ from clbench.streams import offline as _offline
 from clbench.streams import real as _real
 from clbench.streams import text as _text
 from clbench.streams import unlearning as _unlearning
+from clbench.streams import unlearning_real as _unlearning_real
 from clbench.streams.batches import BatchSource, batch_source
 from clbench.streams.core import STREAM_CONFIGS, STREAMS, Stream, StreamSpec, build_stream
 
@@ -50,4 +54,4 @@ __all__ = [
     "build_stream",
 ]
 
-del _alignment, _alignment_real, _offline, _real, _text, _unlearning
+del _alignment, _alignment_real, _offline, _real, _text, _unlearning, _unlearning_real
