@@ -4,12 +4,13 @@ A checkpoint is taken at every epoch end (a federated run: every round end) and 
 the model (a federated run: the global model), the optimizer of the experience in progress and its learning-rate
 schedule, the strategy's state, every RNG state, the accuracy matrix so far, the initial-model accuracies, the
 MLflow run id, a federated run's loop position (:meth:`clbench.federated.loop.FederatedLoop.state_dict`;
-None for the others) and the anchors of the experience in progress (DPO's reference log-probabilities, computed
-as it started: :meth:`clbench.models.base.ContinualModel.anchors`). Files are written atomically (temp file +
-rename), so a kill during a save leaves the previous checkpoint intact. The folder is keyed by a hash of the
-config (minus ``resume``), so running the same command with ``resume=true`` finds it. A checkpoint that cannot
-be read (truncated, overwritten, another program's file, another format) is refused with a
-:class:`CheckpointError` naming the file, before anything is built or logged.
+None for the others) and the anchors of the experience in progress (DPO's and NPO's reference log-probabilities,
+computed as it started: :meth:`clbench.models.base.ContinualModel.anchors`,
+:meth:`strategies.base.Strategy.anchors`). Files are written atomically (temp file + rename), so a kill during a
+save leaves the previous checkpoint intact. The folder is keyed by a hash of the config (minus ``resume``), so
+running the same command with ``resume=true`` finds it. A checkpoint that cannot be read (truncated, overwritten,
+another program's file, another format) is refused with a :class:`CheckpointError` naming the file, before anything
+is built or logged.
 """
 
 from __future__ import annotations

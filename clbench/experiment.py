@@ -313,12 +313,14 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         mid = state is not None and i == start and state["optimizer"] is not None
         ctx.step = state["step"] if mid else 0
         module.begin_experience(i)  # (a no-op on resume: done before the strategy's rebuild)
-        # what the loss needs from the model as the experience starts (DPO's reference log-probabilities)
+        # what the loss needs from the model as the experience starts (DPO's and NPO's reference log-probabilities)
         saved = state["anchors"] if mid else {}
         anchors.clear()
-        ctx.train_source = _anchored(module, ctx.train_source, cfg.engine.eval_batch_size, "train", saved, anchors)
+        ctx.train_source = _anchored(ctx, strategy, ctx.train_source, cfg.engine.eval_batch_size, "train", saved,
+                                     anchors)
         if ctx.valid_source is not None:
-            ctx.valid_source = _anchored(module, ctx.valid_source, cfg.engine.eval_batch_size, "valid", saved, anchors)
+            ctx.valid_source = _anchored(ctx, strategy, ctx.valid_source, cfg.engine.eval_batch_size, "valid", saved,
+                                         anchors)
         if not mid:
             strategy.before_experience(ctx)
         ctx.optimizer = engine.optimizer(strategy.parameters_to_train(ctx), i)
@@ -423,16 +425,26 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     return _finish_print(cfg, R, b, tracker.run_id, others, primary)
 
 
-def _anchored(module: torch.nn.Module, source: BatchSource, batch_size: int, split: str,
+def _anchored(ctx: Context, strategy: Strategy, source: BatchSource, batch_size: int, split: str,
               saved: dict[str, dict[str, torch.Tensor]], into: dict[str, dict[str, torch.Tensor]]) -> BatchSource:
-    """``source`` with the model's :meth:`~clbench.models.base.ContinualModel.anchors` of its samples added to its
-    batches: those in ``saved[split]`` (a resumed experience), else computed now over its batches in order (of
-    ``batch_size``); recorded in ``into[split]`` for the checkpoint. Only dict batches (text) can have anchors."""
+    """``source`` with the anchors of its samples added to its batches: the model's
+    (:meth:`~clbench.models.base.ContinualModel.anchors`) and the strategy's (:meth:`Strategy.anchors`), those in
+    ``saved[split]`` (a resumed experience), else computed now over its batches in order (of ``batch_size``), in
+    eval mode without gradients; recorded in ``into[split]`` for the checkpoint. Only dict batches (text) can have
+    anchors."""
     if not (isinstance(source, TensorBatchSource) and isinstance(source.data, dict)):
         return source
     fields = saved.get(split)
     if fields is None:
-        parts = [module.anchors(batch) for batch in source.batches(batch_size, shuffle=False)]
+        module, own = ctx.module, strategy.overrides("anchors")
+        training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                parts = [module.anchors(batch) | (strategy.anchors(ctx, batch) if own else {})
+                         for batch in source.batches(batch_size, shuffle=False)]
+        finally:
+            module.train(training)
         fields = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts and parts[0] else {}
     if not fields:
         return source

@@ -64,6 +64,14 @@ class Strategy:
         assert ctx.train_source is not None
         return ctx.train_source
 
+    def anchors(self, ctx: Context, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample tensors the strategy's loss needs from the model *as the experience starts* (first
+        dimension the batch's), beside the model's own (:meth:`clbench.models.base.ContinualModel.anchors`): the
+        loop computes them once then, over the experience's training (and validation) batches in eval mode
+        without gradients, adds them to its batches under these keys and keeps them in the checkpoint (a resumed
+        experience reads them). NPO: π_ref's sequence log-probabilities. Default: none."""
+        return {}
+
     def objective(self, ctx: Context, batch: Batch, loss: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch, a scalar with a graph; ``loss`` is the engine's model loss (Fabric-aware:
         the wrapped model's under mixed precision or several devices). Default: ``loss(batch)``. Only called if

@@ -15,10 +15,10 @@ answers and no preferred ones.
 ``retain_weight`` > 0 adds w_r · NLL(B_r) on the stream's retain set (the paper's NPO-RT; default 0, plain NPO).
 Before ``unlearn_from`` the strategy trains plainly on the NLL.
 
-**Reference log-probabilities**: log π_ref(y_i|x_i) of every forget sample is computed once, as the request
-starts (:meth:`NPO.before_experience`, in eval mode, no gradient), and added to the experience's training batches
-as the field ``npo_ref_logp``; it is kept in the strategy's ``state_dict``, so a run resumed in the middle of a
-request trains against the same π_ref, not the half-unlearned model's.
+**Reference log-probabilities**: log π_ref(y_i|x_i) of every forget sample is one of the strategy's anchors
+(:meth:`NPO.anchors`): the loop computes it once, as the request starts (eval mode, no gradient), adds it to the
+experience's batches as the field ``npo_ref_logp`` and keeps it in the checkpoint, so a run resumed in the middle
+of a request trains against the same π_ref, not the half-unlearned model's.
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ import torch
 from torch.nn import functional as F
 
 from clbench.config import check
-from clbench.streams.batches import TensorBatchSource
 from strategies import register
 from strategies.unlearning import LossFn, RetainedConfig, Unlearning
 
 if TYPE_CHECKING:
     from clbench.context import Context
-    from clbench.streams import BatchSource
     from clbench.streams.batches import Batch
 
 REF = "npo_ref_logp"
@@ -75,7 +73,6 @@ class NPO(Unlearning):
     def __init__(self, cfg: NPOConfig) -> None:
         super().__init__(cfg)
         self.cfg: NPOConfig = cfg
-        self.ref_logp: torch.Tensor | None = None  # π_ref's log π(y|x) of the request's samples, in source order
         self._logps: Any = None
 
     def setup(self, ctx: Context) -> None:
@@ -86,33 +83,12 @@ class NPO(Unlearning):
             mark("sequence_logps")
         self._logps = ctx.model.sequence_logps
 
-    @torch.no_grad()
-    def before_experience(self, ctx: Context) -> None:
-        """At a request's start: log π_ref(y|x) of every training sample, in eval mode (None before
-        ``unlearn_from``)."""
-        self.ref_logp = None
+    def anchors(self, ctx: Context, batch: Batch) -> dict[str, torch.Tensor]:
+        """On a request, ``npo_ref_logp``: log π_ref(y|x) of the batch's samples, the model as the request starts
+        (nothing before ``unlearn_from``)."""
         if not self.unlearning(ctx):
-            return
-        source = ctx.train_source
-        assert source is not None
-        module = ctx.module
-        training = module.training
-        module.eval()
-        try:
-            parts = [module.sequence_logps(b).float() for b in source.batches(ctx.eval_batch_size, shuffle=False)]
-        finally:
-            module.train(training)
-        self.ref_logp = torch.cat(parts).cpu()
-
-    def train_source(self, ctx: Context) -> BatchSource:
-        """The request's samples with their ``npo_ref_logp`` field (the plain source before ``unlearn_from``)."""
-        source = super().train_source(ctx)
-        if self.ref_logp is None:
-            return source
-        if not isinstance(source, TensorBatchSource) or len(source) != len(self.ref_logp):
-            raise ValueError(f"NPO needs the request's training data as one tensor source of {len(self.ref_logp)} "
-                             "samples (a text stream collated by a language model)")
-        return source.with_fields(**{REF: self.ref_logp.to(source.device)})
+            return {}
+        return {REF: ctx.module.sequence_logps(batch).float()}
 
     def objective(self, ctx: Context, batch: Batch, loss: LossFn) -> torch.Tensor:
         if not self.unlearning(ctx):
@@ -121,10 +97,3 @@ class NPO(Unlearning):
         out = npo_loss(self._logps(batch), batch[REF], self.cfg.beta)
         retained = self.retained(ctx, loss)
         return out if retained is None else out + retained
-
-    def state_dict(self) -> dict[str, Any]:
-        """π_ref's log-probabilities of the current request (None outside one)."""
-        return {"ref_logp": None if self.ref_logp is None else self.ref_logp.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ref_logp = state["ref_logp"]

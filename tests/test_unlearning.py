@@ -213,13 +213,19 @@ def test_grad_diff_is_ascent_on_the_forget_batch_plus_weighted_retain_nll(tmp_pa
 
 
 def test_npo_is_the_papers_formula_against_the_model_at_the_requests_start(tmp_path):
+    """π_ref's log-probabilities are the strategy's anchors, computed by the loop as the request starts (the
+    loop's ``_anchored``, as a run calls it); the loss is the paper's formula against them."""
+    from clbench.experiment import _anchored
+    from strategies.npo import REF
+
     ctx, strat = _setup(tmp_path, "npo", "strategy.beta=0.5")
     model = ctx.module
     samples = _request(ctx, 1)
-    strat.before_experience(ctx)
+    kept: dict = {}
+    source = _anchored(ctx, strat, ctx.train_source, 3, "train", {}, kept)
     ref = [sum(_token_logps(model, s)) for s in samples]
-    np.testing.assert_allclose(strat.ref_logp.numpy(), ref, atol=1e-4)
-    batch = strat.train_source(ctx).all()
+    np.testing.assert_allclose(kept["train"][REF].numpy(), ref, atol=1e-4)
+    batch = source.all()
     with torch.no_grad():  # at π = π_ref: (2/β) log 2
         assert strat.objective(ctx, batch, model.loss).item() == pytest.approx(2 / 0.5 * math.log(2), abs=1e-5)
         for p in model.parameters():
@@ -230,8 +236,8 @@ def test_npo_is_the_papers_formula_against_the_model_at_the_requests_start(tmp_p
     assert value == pytest.approx(by_hand, rel=1e-4)
     assert value != pytest.approx(2 / 0.5 * math.log(2), abs=1e-3)  # the perturbation moved the ratio
     ctx.experience = 0  # the learn experience: plain NLL, no reference
-    strat.before_experience(ctx)
-    assert strat.ref_logp is None and strat.train_source(ctx) is ctx.train_source
+    kept = {}
+    assert _anchored(ctx, strat, ctx.train_source, 3, "train", {}, kept) is ctx.train_source and not kept
 
 
 def test_refusal_ft_trains_the_refusal_on_the_forget_set_plus_retain_nll(tmp_path):
@@ -304,7 +310,7 @@ def store(tmp_path_factory):
 
 def test_npo_reference_survives_a_kill_in_the_middle_of_a_request(store, monkeypatch):
     """Killed after the first of the request's two epochs and resumed: the same scores as the uninterrupted run
-    (the resumed request reads π_ref from the checkpoint; recomputed from the half-unlearned model it would
+    (the resumed request reads π_ref from the checkpoint's anchors; recomputed from the half-unlearned model it would
     differ, and so would every later step)."""
     import clbench.checkpoint
 
@@ -315,8 +321,8 @@ def test_npo_reference_survives_a_kill_in_the_middle_of_a_request(store, monkeyp
     np.testing.assert_array_equal(whole.R, resumed.R)
     for name, M in whole.others.items():
         np.testing.assert_array_equal(M, resumed.others[name], err_msg=name)
-    state = clbench.checkpoint.load(clbench.checkpoint.checkpoint_path(cfg))["strategy"]
-    assert state["ref_logp"].shape == (4,)  # the request's 4 forget samples
+    state = clbench.checkpoint.load(clbench.checkpoint.checkpoint_path(cfg))
+    assert state["anchors"]["train"]["npo_ref_logp"].shape == (4,)  # the request's 4 forget samples
     assert whole.others["loss.forget_1"][1, 1] > whole.others["loss.forget_1"][0, 1]  # NPO raised the forget NLL
 
 
