@@ -3,6 +3,7 @@ the committed results/ regenerated exactly from the committed per-run figures.""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -189,3 +190,9 @@ def test_the_gpm_tables_rogo_rows_differ_from_their_gpm_row_as_labelled(spec, ro
     assert asdict(r.benchmark) == asdict(g.benchmark)
     shared = asdict(g.strategy).keys() - {"name"}
     assert {k: asdict(r.strategy)[k] for k in shared} == {k: asdict(g.strategy)[k] for k in shared}
+
+
+def test_a_score_may_average_several_metrics_and_a_missing_one_is_nan():
+    assert tables.score_value({"a": 1.0, "b": 3.0}, "a") == 1.0
+    assert tables.score_value({"a": 1.0, "b": 3.0}, ["a", "b"]) == 2.0
+    assert math.isnan(tables.score_value({"a": 1.0}, ["a", "b"]))
