@@ -138,7 +138,7 @@ def test_padding_changes_no_loss_or_output(family: str, request: pytest.FixtureR
     model: LanguageModel = request.getfixturevalue(family)
     batch = model.collate(SAMPLES)
     scores = model.score(batch)
-    assert set(scores) == {"exact_match", "loss"}
+    assert set(scores) == {"exact_match", "loss", "rouge_l"}
     assert all(v.dtype == torch.float64 and v.shape == (len(SAMPLES),) for v in scores.values())
     outputs = model.predict(batch)
     for i, sample in enumerate(SAMPLES):
@@ -179,6 +179,17 @@ def test_exact_match_per_sample() -> None:
     assert em.dtype == torch.float64 and em.tolist() == [100.0, 0.0, 100.0]
     with pytest.raises(ValueError, match="2 predictions for 1"):
         exact_match(["a", "b"], ["a"])
+
+
+def test_rouge_l_recall_is_the_longest_common_subsequence_over_the_reference_words() -> None:
+    from clbench.models.generation import rouge_l_recall
+
+    scores = rouge_l_recall(["The cat sat on the mat.", "a b c", "", "x", "born in paris, france"],
+                            ["the cat on mat", "c b a", "", "y z", "Paris"])
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, torch.tensor([100.0, 100 / 3, 100.0, 0.0, 100.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 predictions for 2"):
+        rouge_l_recall(["a"], ["a", "b"])
 
 
 # ------------------------------------------------------------------------------------------------ adapters

@@ -1,5 +1,6 @@
 """Batched greedy decoding and exact-match scoring (olora.md "Metric": greedy, at most 50 new tokens, exact match
-after lower-casing, removing ``string.punctuation`` and collapsing whitespace; articles are kept)."""
+after lower-casing, removing ``string.punctuation`` and collapsing whitespace; articles are kept), and the ROUGE-L
+recall of free-text answers (TOFU's answer score, Maini et al. 2024)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> torch.
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
     return torch.tensor(hits, dtype=torch.float64) * 100.0
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """Per sample, ROUGE-L recall in % (float64, (n,)): LCS(prediction, reference) / |reference| over the words of
+    the normalised texts (:func:`normalize_answer`; Lin 2004's recall, the score TOFU reports on forget, retain,
+    real-author and world-fact answers; no stemming). An empty reference scores 100 for an empty prediction, else
+    0.
+
+    Raises:
+        ValueError: different numbers of predictions and references.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    out = []
+    for p, r in zip(predictions, references, strict=True):
+        pred, ref = normalize_answer(p).split(), normalize_answer(r).split()
+        if not ref:
+            out.append(100.0 if not pred else 0.0)
+            continue
+        row = [0] * (len(pred) + 1)  # LCS by dynamic programming, one row at a time
+        for word in ref:
+            diagonal = 0
+            for j, other in enumerate(pred, 1):
+                diagonal, row[j] = row[j], diagonal + 1 if word == other else max(row[j], row[j - 1])
+        out.append(100.0 * row[-1] / len(ref))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

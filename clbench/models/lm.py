@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from clbench.config import ModelConfig, check
 from clbench.models.adapters import GATE, LoraAdapters
 from clbench.models.base import ContinualModel
-from clbench.models.generation import decode_answers, exact_match, greedy_generate
+from clbench.models.generation import decode_answers, exact_match, greedy_generate, rouge_l_recall
 from clbench.models.hf_loading import (
     BUILTIN_FAMILY,
     CAUSAL,
@@ -484,7 +484,8 @@ class LanguageModel(LoraAdapters, ContinualModel):
     @torch.no_grad()
     def score(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per sample (float64, ``(n,)``): ``exact_match`` (100 or 0) of the greedy answer against the reference,
-        after :func:`~clbench.models.generation.normalize_answer`; ``loss``, the mean NLL of its answer tokens;
+        after :func:`~clbench.models.generation.normalize_answer`; ``rouge_l``, its ROUGE-L recall (%, TOFU's answer
+        score); ``loss``, the mean NLL of its answer tokens;
         with a :attr:`refusal` answer, ``refused`` (100 when the greedy answer is it). A preference batch is scored
         on its chosen answers. A batch with :data:`~clbench.models.adapters.GATE` weights runs its adapters gated
         per sample (:meth:`~clbench.models.adapters.LoraAdapters.gated`), as does :meth:`loss`."""
@@ -493,7 +494,8 @@ class LanguageModel(LoraAdapters, ContinualModel):
             predictions = self.predict(batch)
         loss = (nll.sum(1) / valid.sum(1)).to(torch.float64)
         references = decode_answers(self.tokenizer, batch["labels" if self.seq2seq else "answer_ids"], self.stop_ids)
-        out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss}
+        out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss,
+               "rouge_l": rouge_l_recall(predictions, references).to(loss.device)}
         if self.refusal is not None:
             out["refused"] = exact_match(predictions, [self.refusal] * len(predictions)).to(loss.device)
         return out

@@ -85,8 +85,9 @@ Prompt, the code's LLaMA format (``prompt_style=o3``): ``[INST] <question> [\\IN
 own fine-tuning of ``tofu_ft_llama2-7b`` used ``[/INST]``, available as ``prompt_style=tofu``. Refusal
 (:data:`TOFU_REFUSE`, the stream's ``refusal``): the code draws a refusal per sample from a list of 32 polite
 refusals (``polite_refusal_responses_tofu.csv``); clbench has one fixed sentence. Exact match of free-text answers
-means little: the code scores truth ratio, answer probability, ROUGE-L and the KS-test forget quality, which
-clbench does not compute; read ``loss.<group>`` (the answers' NLL) and ``refused.<group>`` (refusal rate).
+means little: the code scores truth ratio, answer probability, ROUGE-L and the KS-test forget quality, of which
+clbench computes ROUGE-L recall (``rouge_l.<group>``); read it with ``loss.<group>`` (the answers' NLL) and
+``refused.<group>`` (refusal rate).
 
 Files, under ``<data_root>/TOFU/``: ``<split>.json`` for every split named (the requests, the retains, and
 ``retain_perturbed`` / ``real_authors`` / ``world_facts`` for the utility groups): the data set's files, JSON lines
