@@ -24,7 +24,7 @@ def test_every_paper_experiment_is_there():
                                                                           "miniimagenet")]
     olora = ["olora_t5", *(f"olora_t5_order{k}" for k in range(1, 7))]  # the shared T5 setting and its 6 orders
     ogpsa = ["ogpsa_qwen_sft", "ogpsa_qwen_dpo", "ogpsa_qwen_sft_dpo", "ogpsa_llama_sft_dpo"]
-    o3 = ["o3_scienceqa", "o3_tofu"]
+    o3 = ["o3_facts", "o3_scienceqa", "o3_tofu"]  # the offline stand-in, then the code's two settings
     assert sorted(vision + olora + ogpsa + o3) == ALL
 
 

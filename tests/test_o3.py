@@ -211,18 +211,19 @@ def test_o3_resumed_mid_request_equals_the_uninterrupted_run(store, monkeypatch)
 
 @pytest.mark.slow
 def test_o3_forgets_the_requests_and_keeps_what_the_ungated_lora_loses(store):
-    """The table's stand-in cell (results/o3_table.md, seed 0): O3 forgets every requested author group (exact
-    match ≤ 10 % after the last request, from ≥ 50 % after learning), keeps modular addition exactly (its inputs
-    never load the LoRA) and keeps more retained facts than the same LoRA without the gate, which loses them and
-    the modular addition too (measured, seed 0: retain 54.2 vs 12.5 of 79.2 learnt; general 23 vs 0 of 23)."""
+    """``experiment=o3_facts``, the table's stand-in cell (results/o3_table.md, seed 0): O3 forgets every requested
+    author group (exact match ≤ 10 % after the last request, from ≥ 50 % after learning), keeps modular addition
+    exactly (its inputs never load the LoRA) and keeps more retained facts than the same LoRA without the gate,
+    which loses them and the modular addition too (measured, seed 0: retain 54.2 vs 12.5 of 79.2 learnt; general
+    23 vs 0 of 23)."""
     from clbench.experiment import run
-    from clbench.tables import load_spec
+    from clbench.fingerprint import fingerprint
+    from clbench.tables import cells, load_spec
 
-    spec = load_spec("o3")
-    column = next(c for c in spec["columns"] if c["key"] == "facts")
-    results = {gate: run(run_config(store / f"margin_{gate}", *column["overrides"], "strategy=o3",
-                                    "+strategy.detector.max_length=32", f"strategy.gate={gate}"))
+    results = {gate: run(run_config(store / f"margin_{gate}", "experiment=o3_facts", f"strategy.gate={gate}"))
                for gate in ("soft", "always")}
+    table_cell = next(c for c in cells(load_spec("o3")) if c.method == "o3" and c.column == "facts")
+    assert fingerprint(run_config(store, "experiment=o3_facts"), with_seed=False) == table_cell.config_key
     o3, always = results["soft"], results["always"]
     T = o3.R.shape[0] - 1
     assert all(o3.R[0, j] >= 50 for j in range(1, T + 1)), o3.R
