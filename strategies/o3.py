@@ -231,7 +231,7 @@ class O3(Unlearning):
                 encoder_folder(self.detector_cfg.encoder)
             except FileNotFoundError as err:
                 raise ConfigError(f"bad value for 'strategy.detector.encoder': {err}") from None
-            probe = RequestDetector(DetectorEncoder(self.detector_cfg.encoder), self.detector_cfg, "probe")
+            probe = RequestDetector(self._encoder(ctx), self.detector_cfg, "probe")  # loads nothing
             for e in range(start, ctx.n_experiences):
                 try:
                     probe.split_texts(len(ctx.stream.benchmark.train_stream[e].dataset))
