@@ -118,7 +118,7 @@ def test_scores_per_group_and_the_refusal_score(lm):
     out = evaluate(score, [batch], torch.device("cpu"), groups=("a", "b", "unused"))
     assert out == {"s": 37.5, "s.a": 10.0, "s.b": 30.0}  # ungrouped samples count only in the whole mean
     scored = lm.eval().score(batch)
-    assert set(scored) == {"exact_match", "loss", "rouge_l", "refused"}
+    assert set(scored) == {"exact_match", "loss", "probability", "rouge_l", "refused"}
 
 
 def test_the_loop_anchors_a_preference_stage_and_a_resumed_one_reads_them_back(tmp_path, monkeypatch):

@@ -138,8 +138,9 @@ def test_padding_changes_no_loss_or_output(family: str, request: pytest.FixtureR
     model: LanguageModel = request.getfixturevalue(family)
     batch = model.collate(SAMPLES)
     scores = model.score(batch)
-    assert set(scores) == {"exact_match", "loss", "rouge_l"}
+    assert set(scores) == {"exact_match", "loss", "probability", "rouge_l"}
     assert all(v.dtype == torch.float64 and v.shape == (len(SAMPLES),) for v in scores.values())
+    torch.testing.assert_close(scores["probability"], 100 * torch.exp(-scores["loss"]))  # P(a|q)^(1/|a|) in %
     outputs = model.predict(batch)
     for i, sample in enumerate(SAMPLES):
         alone = model.collate([sample])

@@ -31,7 +31,7 @@ def test_naive_lora_on_a_text_stream_end_to_end(tmp_path):
     result = run(cfg)
     R = result.R
     assert R.shape == (3, 3) and np.isfinite(R).all() and ((R >= 0) & (R <= 100)).all()
-    assert set(result.others) == {"loss", "rouge_l"} and result.others["loss"].shape == (3, 3)
+    assert set(result.others) == {"loss", "probability", "rouge_l"} and result.others["loss"].shape == (3, 3)
     assert np.isfinite(result.others["loss"]).all()
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
     data = client.get_run(result.run_id).data

@@ -485,7 +485,9 @@ class LanguageModel(LoraAdapters, ContinualModel):
     def score(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per sample (float64, ``(n,)``): ``exact_match`` (100 or 0) of the greedy answer against the reference,
         after :func:`~clbench.models.generation.normalize_answer`; ``rouge_l``, its ROUGE-L recall (%, TOFU's answer
-        score); ``loss``, the mean NLL of its answer tokens;
+        score); ``loss``, the mean NLL of its answer tokens; ``probability``, exp(−loss) in %, the reference answer's
+        length-normalised probability P(a|q)^(1/|a|) (TOFU's "probability" on forget and retain sets; the end token
+        counts as an answer token);
         with a :attr:`refusal` answer, ``refused`` (100 when the greedy answer is it). A preference batch is scored
         on its chosen answers. A batch with :data:`~clbench.models.adapters.GATE` weights runs its adapters gated
         per sample (:meth:`~clbench.models.adapters.LoraAdapters.gated`), as does :meth:`loss`."""
@@ -495,6 +497,7 @@ class LanguageModel(LoraAdapters, ContinualModel):
         loss = (nll.sum(1) / valid.sum(1)).to(torch.float64)
         references = decode_answers(self.tokenizer, batch["labels" if self.seq2seq else "answer_ids"], self.stop_ids)
         out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss,
+               "probability": 100.0 * torch.exp(-loss),
                "rouge_l": rouge_l_recall(predictions, references).to(loss.device)}
         if self.refusal is not None:
             out["refused"] = exact_match(predictions, [self.refusal] * len(predictions)).to(loss.device)

@@ -86,7 +86,8 @@ own fine-tuning of ``tofu_ft_llama2-7b`` used ``[/INST]``, available as ``prompt
 (:data:`TOFU_REFUSE`, the stream's ``refusal``): the code draws a refusal per sample from a list of 32 polite
 refusals (``polite_refusal_responses_tofu.csv``); clbench has one fixed sentence. Exact match of free-text answers
 means little: the code scores truth ratio, answer probability, ROUGE-L and the KS-test forget quality, of which
-clbench computes ROUGE-L recall (``rouge_l.<group>``); read it with ``loss.<group>`` (the answers' NLL) and
+clbench computes ROUGE-L recall (``rouge_l.<group>``) and the length-normalised answer probability
+(``probability.<group>``); read them with ``loss.<group>`` (the answers' NLL) and
 ``refused.<group>`` (refusal rate).
 
 Files, under ``<data_root>/TOFU/``: ``<split>.json`` for every split named (the requests, the retains, and
