@@ -4,9 +4,11 @@ checks, learnability of tiny models, truncation, offline failures, and (slow) Sm
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -17,6 +19,7 @@ from clbench.models import hf_loading
 from clbench.models.generation import exact_match, normalize_answer
 from clbench.models.hf_loading import ensure_pad_token
 from clbench.models.lm import IGNORE, LanguageModel, LMConfig, build_lm
+from clbench.streams.text import TextSample
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,30 @@ def test_exact_match_per_sample() -> None:
     assert em.dtype == torch.float64 and em.tolist() == [100.0, 0.0, 100.0]
     with pytest.raises(ValueError, match="2 predictions for 1"):
         exact_match(["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pytest.FixtureRequest) -> None:
+    """TOFU's scores from each variant scored alone: p(a) = exp(−mean NLL); R = mean_k p(â_k) / p(paraphrase);
+    probability_mc = p(a) / (p(a) + Σ p(â_k)); samples with different numbers of perturbed answers are refused."""
+    model: LanguageModel = request.getfixturevalue(family)
+    samples = [TextSample("where was ab born ?\nAnswer:", "paris", 0, 0, ("rome", "oslo"), "in paris"),
+               TextSample("what genre ?\nAnswer:", "poetry", 0, 1, ("drama", "comedy"))]
+    scores = model.score(model.collate(samples))
+
+    def p(prompt: str, answer: str) -> float:
+        return math.exp(-float(model.score(model.collate([TextSample(prompt, answer, 0)]))["loss"][0]))
+
+    for i, s in enumerate(samples):
+        perturbed = [p(s.prompt, a) for a in s.perturbed]
+        ratio = np.mean(perturbed) / p(s.prompt, s.paraphrase or s.answer)
+        assert scores["truth_ratio"][i].item() == pytest.approx(ratio, rel=1e-4)
+        assert scores["truth"][i].item() == pytest.approx(100 * max(0.0, 1 - ratio), abs=1e-3)
+        answer = p(s.prompt, s.answer)
+        assert scores["probability_mc"][i].item() == pytest.approx(100 * answer / (answer + sum(perturbed)), rel=1e-4)
+    assert "truth_ratio" not in model.score(model.collate(SAMPLES))  # no perturbed answers: no truth scores
+    with pytest.raises(ValueError, match=r"\[1, 2\] perturbed answers"):
+        model.collate([samples[0], TextSample("q\nAnswer:", "a", 0, 0, ("b",))])
 
 
 def test_rouge_l_recall_is_the_longest_common_subsequence_over_the_reference_words() -> None:

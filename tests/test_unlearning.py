@@ -102,6 +102,13 @@ def test_fictitious_facts_layout_groups_and_references(tmp_path):
     assert len(general) == 6 and all(s.prompt.startswith("add ") and s.answer.isdigit() for s in general)
     unknown = {author(s.prompt) for s in train[0] if s.answer == REFUSE}
     assert len(unknown) == 4 and not unknown & set().union(*authors.values())
+    # every test sample carries 3 distinct wrong answers of its own kind (TOFU's perturbed answers); training
+    # samples carry none
+    for sample in (s for e in test for s in e):
+        kind = next((w for _, w in ATTRIBUTES if sample.answer in w), tuple(str(d) for d in range(10)))
+        assert len(set(sample.perturbed)) == 3 and sample.answer not in sample.perturbed
+        assert set(sample.perturbed) <= set(kind)
+    assert all(s.perturbed == () for e in train for s in e)
 
 
 def test_fictitious_facts_is_deterministic_from_the_seed(tmp_path):
@@ -335,6 +342,8 @@ def test_an_unlearning_run_forgets_the_requested_facts(store, strategy):
     result = run(run_config(store, *RUN, f"strategy={strategy}"))
     forget = result.others["exact_match.forget_1"][:, 1]
     assert forget[0] >= 75.0, result.R
+    ratio = result.others["truth_ratio.forget_1"][:, 1]  # TOFU's truth ratio against 3 wrong answers of each fact
+    assert ratio[0] < 0.5 and np.isfinite(ratio).all(), ratio  # learnt: the true answer far above the wrong ones
     assert forget[1] < forget[0], forget
     assert np.isfinite(result.R).all() and np.isfinite(result.others["loss"]).all()
     if strategy == "grad_ascent":

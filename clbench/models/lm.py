@@ -68,6 +68,8 @@ TRUNCATIONS = ("left", "refuse")
 DPO_REFERENCES = ("stage_start", "base")
 REJECTED = "rejected_"
 """Prefix of a preference batch's tensors of the rejected answers (the chosen ones have the plain keys)."""
+PARAPHRASE, PERTURBED = "para_", "pert"
+"""Key prefixes of a sample's paraphrased answer and of its perturbed answer k (``pert<k>_``) in a batch."""
 TINY = {CAUSAL: "tiny-llama", SEQ2SEQ: "tiny-t5"}
 
 
@@ -225,6 +227,13 @@ def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list
     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} changes a text's tokens when adding special tokens")
 
 
+def _prefixed(batch: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The teacher-forced batch of the answers stored under ``prefix`` (a seq2seq model's encoder input is the
+    batch's own)."""
+    out = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return out | {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """``rows`` as one long tensor, each padded with ``value`` to the longest (on the left when ``left``)."""
     width = max((len(r) for r in rows), default=0)
@@ -350,9 +359,33 @@ class LanguageModel(LoraAdapters, ContinualModel):
             rejected = self._collate([_Answered(s.prompt, s.rejected) for s in samples])
             keys = ("labels",) if self.seq2seq else ("input_ids", "attention_mask", "labels")
             out |= {REJECTED + k: rejected[k] for k in keys}
+        out |= self._collate_alternatives(samples)
         groups = [getattr(s, "group", -1) for s in samples]
         if any(g >= 0 for g in groups):
             out["group"] = torch.tensor(groups, dtype=torch.int64)
+        return out
+
+    def _collate_alternatives(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """For samples with ``perturbed`` answers (all the same number K): the teacher-forced tensors of the
+        paraphrase (the answer where there is none) under ``para_…`` and of each perturbed answer k under
+        ``pert<k>_…``; nothing otherwise.
+
+        Raises:
+            ValueError: samples with different numbers of perturbed answers.
+        """
+        counts = {len(getattr(s, "perturbed", ())) for s in samples}
+        if counts in ({0}, set()):
+            return {}
+        if len(counts) > 1:
+            raise ValueError(f"samples with {sorted(counts)} perturbed answers in one experience; give every sample "
+                             "the same number (TOFU: 5), or none")
+        keys = ("labels",) if self.seq2seq else ("input_ids", "attention_mask", "labels")
+        variants = {PARAPHRASE: [s.paraphrase if s.paraphrase is not None else s.answer for s in samples]}
+        variants |= {f"{PERTURBED}{k}_": [s.perturbed[k] for s in samples] for k in range(counts.pop())}
+        out = {}
+        for prefix, answers in variants.items():
+            tensors = self._collate([_Answered(s.prompt, a) for s, a in zip(samples, answers, strict=True)])
+            out |= {prefix + k: tensors[k] for k in keys}
         return out
 
     def _collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -499,9 +532,36 @@ class LanguageModel(LoraAdapters, ContinualModel):
         out = {"exact_match": exact_match(predictions, references).to(loss.device), "loss": loss,
                "probability": 100.0 * torch.exp(-loss),
                "rouge_l": rouge_l_recall(predictions, references).to(loss.device)}
+        if PERTURBED + "0_labels" in batch:
+            out |= self._truth_scores(batch, loss)
         if self.refusal is not None:
             out["refused"] = exact_match(predictions, [self.refusal] * len(predictions)).to(loss.device)
         return out
+
+    def _truth_scores(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """TOFU's scores against perturbed answers (Maini et al. 2024, §2.5), with p(a) = P(a|q)^(1/|a|) the
+        length-normalised probability (exp of minus the mean answer NLL): ``truth_ratio`` R = mean_k p(â_k) / p(ã)
+        (â_k the perturbed answers, ã the paraphrase; ≈ 1 when the model cannot tell the true answer from false
+        ones, ≪ 1 when it knows it); ``truth`` = 100·max(0, 1 − R) (TOFU's utility form); ``probability_mc`` =
+        100·p(a) / (p(a) + Σ_k p(â_k)) (TOFU's probability on real authors and world facts)."""
+        gated = self.gated(batch.get(GATE))
+        with gated:
+            para = torch.exp(-self._mean_nll(_prefixed(batch, PARAPHRASE)))
+            pert = []
+            k = 0
+            while f"{PERTURBED}{k}_labels" in batch:
+                pert.append(torch.exp(-self._mean_nll(_prefixed(batch, f"{PERTURBED}{k}_"))))
+                k += 1
+        perturbed = torch.stack(pert, 1).to(torch.float64)
+        ratio = perturbed.mean(1) / para.to(torch.float64)
+        answer = torch.exp(-loss)
+        return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0),
+                "probability_mc": 100.0 * answer / (answer + perturbed.sum(1))}
+
+    def _mean_nll(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mean answer-token NLL of every sample, ``(n,)``."""
+        nll, valid = self._answer_nll(batch)
+        return nll.sum(1) / valid.sum(1)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> list[str]:

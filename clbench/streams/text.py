@@ -66,12 +66,18 @@ class TextSample:
         answer: the target text (the label word).
         task: the index of the sample's experience.
         group: the sample's index in its stream's :attr:`TextStreamSpec.groups` (-1: none), for scores per group.
+        perturbed: wrong answers of the same form (TOFU's perturbed answers; empty: none), for the truth ratio and
+            the probability against them (:meth:`clbench.models.lm.LanguageModel.score`).
+        paraphrase: the answer reworded (TOFU's paraphrased answer), the truth ratio's denominator; None: the
+            answer itself.
     """
 
     prompt: str
     answer: str
     task: int
     group: int = -1
+    perturbed: tuple[str, ...] = ()
+    paraphrase: str | None = None
 
 
 @dataclass(frozen=True)

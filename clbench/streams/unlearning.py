@@ -28,7 +28,10 @@ So, with R the ``exact_match`` matrix (row i = after experience i):
   ``R[i, 0]`` is their mean over the samples (utility);
 * ``refused.<group>`` (the model scores ``refused`` against :data:`REFUSE`): the refusal rate, e.g.
   ``refused.forget_t[i, t]`` after refusal fine-tuning, ``refused.retain[i, 0]`` its over-refusal;
-* ``loss.<group>``: the answer NLL per group (a forget set's rising NLL is gradient ascent at work).
+* ``loss.<group>``: the answer NLL per group (a forget set's rising NLL is gradient ascent at work);
+* ``truth_ratio.<group>``, ``truth.<group>``, ``probability_mc.<group>``: TOFU's scores against perturbed answers
+  (every test sample carries :data:`PERTURBED` of them, :func:`with_perturbed`): R ≈ 1 when the model no longer
+  tells the true answer from wrong ones of the same kind.
 
 ACC / BWT are defined as for any stream but mean little here (a falling forget column is the goal).
 ``Stream.references = {"retain": the retain authors' facts}`` (the same samples as test experience 0's retain
@@ -38,14 +41,21 @@ O3 itself uses none. All draws come from the stream seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from clbench.config import BenchmarkConfig, check
 from clbench.streams.alignment import arithmetic_question, grouped_samples
 from clbench.streams.core import Stream, generator, register, stream_seed
-from clbench.streams.text import TextStreamConfig, TextStreamSpec, assemble_text, make_text_dataset, text_config
+from clbench.streams.text import (
+    TextSamples,
+    TextStreamConfig,
+    TextStreamSpec,
+    assemble_text,
+    make_text_dataset,
+    text_config,
+)
 
 CITIES = ("paris", "london", "rome", "tokyo", "cairo", "lima", "oslo", "dublin", "madrid", "berlin")
 GENRES = ("mystery", "fantasy", "romance", "horror", "poetry", "comedy", "drama", "history")
@@ -66,7 +76,9 @@ REFUSE = "i do not know"
 """The stream's refusal answer (``TextStreamSpec.refusal``): what refusal fine-tuning teaches for D_t."""
 DEFAULT_GENERAL = 200
 DEFAULT_TEST = 100
-_AUTHORS, _FACTS, _TRAIN, _TEST = 41, 42, 43, 44  # seed tags of the draws (clbench.streams.core.generator)
+_AUTHORS, _FACTS, _TRAIN, _TEST, _PERTURB = 41, 42, 43, 44, 45  # seed tags (clbench.streams.core.generator)
+PERTURBED = 3
+"""Perturbed answers per test sample: other words of the fact's attribute, other digits for modular addition."""
 
 
 @dataclass
@@ -138,6 +150,20 @@ def author_facts(name: str, facts: int, g: torch.Generator) -> list[tuple[str, s
     return out
 
 
+def with_perturbed(samples: TextSamples, g: torch.Generator) -> TextSamples:
+    """``samples`` (facts and modular additions) each with :data:`PERTURBED` distinct wrong answers of its form,
+    drawn from ``g``: other words of the fact's attribute (another city for a birthplace), other digits for a sum;
+    TOFU's perturbed answers, for the truth ratio (the paraphrase is the answer itself: one word)."""
+    digits = tuple(str(d) for d in range(10))
+    out = []
+    for sample in samples.samples:
+        words = next((w for _, w in ATTRIBUTES if sample.answer in w), digits)
+        others = [w for w in words if w != sample.answer]
+        pick = torch.randperm(len(others), generator=g)[:PERTURBED].tolist()
+        out.append(replace(sample, perturbed=tuple(others[i] for i in pick)))
+    return TextSamples(out, samples.labels)
+
+
 @register("fictitious_facts", config=UnlearningStreamConfig)
 def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
     """``fictitious_facts`` (module docstring)."""
@@ -166,7 +192,9 @@ def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
     every_fact = [f for group in by_group for f in group] + unknown
     requests = [grouped_samples(by_group[t - 1], t) for t in range(1, T + 1)]
     train = [grouped_samples(every_fact + general_train, 0), *requests]
-    test = [grouped_samples(by_group[T] + general_test, 0), *requests]
+    g_perturb = generator(s, _PERTURB)
+    test = [with_perturbed(grouped_samples(by_group[T] + general_test, 0), g_perturb),
+            *(with_perturbed(r, g_perturb) for r in requests)]
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks,
                           task_names=("learn", *(f"request_{t}" for t in range(1, T + 1)))[: cfg.n_tasks],
                           label_words=((),) * cfg.n_tasks, groups=names_of, refusal=REFUSE)
