@@ -205,8 +205,12 @@ def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pyt
         answer = p(s.prompt, s.answer)
         assert scores["probability_mc"][i].item() == pytest.approx(100 * answer / (answer + sum(perturbed)), rel=1e-4)
     assert "truth_ratio" not in model.score(model.collate(SAMPLES))  # no perturbed answers: no truth scores
-    with pytest.raises(ValueError, match=r"\[1, 2\] perturbed answers"):
-        model.collate([samples[0], TextSample("q\nAnswer:", "a", 0, 0, ("b",))])
+    mixed = [*samples, TextSample("who ?\nAnswer:", "ab", 0, 0, ("cd",))]  # 2, 2 and 1 perturbed answers
+    alone = model.score(model.collate(mixed[2:]))
+    torch.testing.assert_close(model.score(model.collate(mixed))["truth_ratio"][2], alone["truth_ratio"][0], rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="1 of 2 samples have no perturbed answers"):
+        model.collate([samples[0], TextSample("q\nAnswer:", "a", 0, 0)])
 
 
 def test_rouge_l_recall_is_the_longest_common_subsequence_over_the_reference_words() -> None:

@@ -61,9 +61,11 @@ def write_scienceqa(root: Path, skip: tuple[str, ...] = ()) -> None:
         (root / "OpenBookQA" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_tofu(root: Path, skip: tuple[str, ...] = ()) -> None:
+def write_tofu(root: Path, skip: tuple[str, ...] = (), perturbed: bool = False) -> None:
     """Fake TOFU files (JSON lines, the data set's names): 6 authors of 5 questions, forget10 = the last 20,
-    forget05 = the last 10, forget01 = the last 5 (nested as the real ones), retains their complements."""
+    forget05 = the last 10, forget01 = the last 5 (nested as the real ones), retains their complements; with
+    ``perturbed``, the ``*_perturbed`` splits too (paraphrased answers for forget and retain, 3 perturbed answers,
+    2 for real authors and world facts)."""
     folder = root / "TOFU"
     folder.mkdir(parents=True, exist_ok=True)
     full = [{"question": f"q{a}.{k}", "answer": f"a{a}.{k}"} for a in range(6) for k in range(5)]
@@ -71,6 +73,13 @@ def write_tofu(root: Path, skip: tuple[str, ...] = ()) -> None:
               "retain95": full[:-10], "retain90": full[:-20], "retain_perturbed": full[:4],
               "real_authors": [{"question": "who wrote x?", "answer": "y", "option1": "z"}],
               "world_facts": [{"question": "capital of f?", "answer": "p"}, {"question": "2+2?", "answer": "4"}]}
+    if perturbed:
+        for name in ("forget01", "forget05", "forget10", "retain_perturbed", "real_authors", "world_facts"):
+            factual = name in ("real_authors", "world_facts")
+            key = name if name.endswith("_perturbed") else f"{name}_perturbed"
+            splits[key] = [{**r, "perturbed_answer": [f"wrong{k} {r['answer']}" for k in range(2 if factual else 3)],
+                            **({} if factual else {"paraphrased_answer": f"so {r['answer']}"})}
+                           for r in splits[name]]
     for name, rows in splits.items():
         if name not in skip:
             (folder / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -221,6 +230,21 @@ def test_tofu_nested_requests_forget_what_each_split_adds(tmp_path):
     refs = stream.references
     assert sorted(refs) == ["retain", "retain90", "retain95", "retain99"] and refs["retain"] is refs["retain90"]
     assert [len(refs[n]) for n in ("retain99", "retain95", "retain90")] == [25, 20, 10]
+
+
+def test_tofu_truth_ratio_reads_the_perturbed_splits_into_the_test_samples(tmp_path):
+    write_tofu(tmp_path, perturbed=True)
+    stream = _stream(tmp_path, "tofu_unlearning", "benchmark.truth_ratio=true")
+    tests = _by_group(stream)
+    for group in ("forget_1", "forget_1_test", "retain"):
+        assert all(s.paraphrase == f"so {s.answer}" and s.perturbed == tuple(f"wrong{k} {s.answer}" for k in range(3))
+                   for s in tests[0][group]), group
+    assert all(s.paraphrase is None and len(s.perturbed) == 2 for g in ("real_authors", "world_facts")
+               for s in tests[0][g])
+    assert all(s.perturbed == () for e in stream.benchmark.train_stream for s in e.dataset)
+    (tmp_path / "TOFU" / "forget05_perturbed.json").unlink()
+    with pytest.raises(FileNotFoundError, match="forget05_perturbed"):
+        _stream(tmp_path, "tofu_unlearning", "benchmark.truth_ratio=true")
 
 
 def test_tofu_prompt_style_fraction_and_utility(tmp_path):

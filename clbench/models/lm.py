@@ -366,23 +366,25 @@ class LanguageModel(LoraAdapters, ContinualModel):
         return out
 
     def _collate_alternatives(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """For samples with ``perturbed`` answers (all the same number K): the teacher-forced tensors of the
-        paraphrase (the answer where there is none) under ``para_…`` and of each perturbed answer k under
-        ``pert<k>_…``; nothing otherwise.
+        """For samples with ``perturbed`` answers: the teacher-forced tensors of the paraphrase (the answer where
+        there is none) under ``para_…``, of each perturbed answer k < K (the most any sample has) under
+        ``pert<k>_…`` (a sample with fewer repeats its answer there, not counted), and ``pert_count``; nothing when
+        no sample has any.
 
         Raises:
-            ValueError: samples with different numbers of perturbed answers.
+            ValueError: some samples have perturbed answers and others none.
         """
-        counts = {len(getattr(s, "perturbed", ())) for s in samples}
-        if counts in ({0}, set()):
+        counts = [len(getattr(s, "perturbed", ())) for s in samples]
+        if not any(counts):
             return {}
-        if len(counts) > 1:
-            raise ValueError(f"samples with {sorted(counts)} perturbed answers in one experience; give every sample "
-                             "the same number (TOFU: 5), or none")
+        if not all(counts):
+            raise ValueError(f"{counts.count(0)} of {len(samples)} samples have no perturbed answers and the others "
+                             "have some; in one experience give every sample perturbed answers (TOFU: 5), or none")
         keys = ("labels",) if self.seq2seq else ("input_ids", "attention_mask", "labels")
         variants = {PARAPHRASE: [s.paraphrase if s.paraphrase is not None else s.answer for s in samples]}
-        variants |= {f"{PERTURBED}{k}_": [s.perturbed[k] for s in samples] for k in range(counts.pop())}
-        out = {}
+        variants |= {f"{PERTURBED}{k}_": [s.perturbed[k] if k < len(s.perturbed) else s.answer for s in samples]
+                     for k in range(max(counts))}
+        out = {PERTURBED + "_count": torch.tensor(counts, dtype=torch.int64)}
         for prefix, answers in variants.items():
             tensors = self._collate([_Answered(s.prompt, a) for s, a in zip(samples, answers, strict=True)])
             out |= {prefix + k: tensors[k] for k in keys}
@@ -552,11 +554,13 @@ class LanguageModel(LoraAdapters, ContinualModel):
             while f"{PERTURBED}{k}_labels" in batch:
                 pert.append(torch.exp(-self._mean_nll(_prefixed(batch, f"{PERTURBED}{k}_"))))
                 k += 1
-        perturbed = torch.stack(pert, 1).to(torch.float64)
-        ratio = perturbed.mean(1) / para.to(torch.float64)
+        counted = torch.arange(len(pert), device=loss.device) < batch[PERTURBED + "_count"][:, None].to(loss.device)
+        perturbed = torch.stack(pert, 1).to(torch.float64) * counted  # a sample's own answers only
+        total = perturbed.sum(1)
+        ratio = total / counted.sum(1) / para.to(torch.float64)
         answer = torch.exp(-loss)
         return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0),
-                "probability_mc": 100.0 * answer / (answer + perturbed.sum(1))}
+                "probability_mc": 100.0 * answer / (answer + total)}
 
     def _mean_nll(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mean answer-token NLL of every sample, ``(n,)``."""

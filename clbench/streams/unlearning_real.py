@@ -138,6 +138,8 @@ Row = dict[str, Any]
 Item = tuple[str, str, int, int]
 """(prompt, answer, group, label): a sample before it is placed in an experience (label: its stratum for the
 validation split)."""
+Alternatives = dict[str, tuple[tuple[str, ...], str | None]]
+"""prompt -> (perturbed answers, paraphrased answer or None): TOFU's ``*_perturbed`` columns."""
 
 TABLE_EXTS = (".parquet", ".jsonl", ".json")
 """The file forms of a table, in the order they are looked for."""
@@ -167,6 +169,7 @@ SCIENCEQA_UTILITY = {"csqa": (CSQA, "validation"), "obqa": (OBQA, "test")}
 
 TOFU_UTILITY = {"retain": "retain_perturbed", "real_authors": "real_authors", "world_facts": "world_facts"}
 """TOFU's utility groups -> the split they read."""
+PERTURBED_SUFFIX = "_perturbed"
 
 _TRAIN_CAP, _TEST_CAP, _FORGET_SPLIT = 61, 62, 63  # seed tags (clbench.streams.core.generator)
 
@@ -244,6 +247,9 @@ class TofuUnlearningConfig(TextStreamConfig):
             model's fine-tuning format).
         utility: the utility groups scored in test experience 0: ``retain`` (``retain_perturbed``),
             ``real_authors``, ``world_facts``.
+        truth_ratio: read the ``*_perturbed`` files too (``<request>_perturbed``, ``real_authors_perturbed``,
+            ``world_facts_perturbed``) and give every test sample its paraphrased and perturbed answers, for the
+            model's ``truth_ratio``, ``truth`` and ``probability_mc`` scores (TOFU's evaluation); false: neither.
     """
 
     name: str = "tofu_unlearning"
@@ -254,6 +260,7 @@ class TofuUnlearningConfig(TextStreamConfig):
     forget_fraction: float = 0.8
     prompt_style: str = "o3"
     utility: list[str] = field(default_factory=lambda: list(TOFU_UTILITY))
+    truth_ratio: bool = False
 
     def validate(self) -> None:
         """Raise :class:`~clbench.config.ConfigError` naming ``benchmark.<key>``."""
@@ -368,9 +375,18 @@ def scienceqa_files(utility: Sequence[str]) -> list[DataFile]:
     return files + [DataFile(*SCIENCEQA_UTILITY[u], sources[u]) for u in utility]
 
 
-def tofu_files(requests: Sequence[str], retains: Sequence[str], utility: Sequence[str]) -> list[DataFile]:
-    """The files ``tofu_unlearning`` reads (each split once, in order)."""
-    splits = list(dict.fromkeys([*requests, *retains, *(TOFU_UTILITY[u] for u in utility)]))
+def perturbed_split(split: str) -> str:
+    """The TOFU split holding ``split``'s questions with paraphrased and perturbed answers."""
+    return split if split.endswith(PERTURBED_SUFFIX) else split + PERTURBED_SUFFIX
+
+
+def tofu_files(requests: Sequence[str], retains: Sequence[str], utility: Sequence[str],
+               truth_ratio: bool = False) -> list[DataFile]:
+    """The files ``tofu_unlearning`` reads (each split once, in order); with ``truth_ratio`` the ``*_perturbed``
+    splits of the requests and of the utility groups too."""
+    used = [TOFU_UTILITY[u] for u in utility]
+    extra = [perturbed_split(x) for x in [*requests, *used]] if truth_ratio else []
+    splits = list(dict.fromkeys([*requests, *retains, *used, *extra]))
     return [DataFile(TOFU, s, f"the file {s}.json of the Hugging Face data set {TOFU_HF} (JSON lines)",
                      (".json", ".jsonl", ".parquet")) for s in splits]
 
@@ -533,19 +549,22 @@ def _cap(items: list[Item], cap: int, gen: torch.Generator) -> list[Item]:
     return [items[int(k)] for k in torch.randperm(len(items), generator=gen)[:cap].sort().values]
 
 
-def _samples(items: Sequence[Item], task: int) -> TextSamples:
-    return TextSamples([TextSample(p, a, task, g) for p, a, g, _ in items],
+def _samples(items: Sequence[Item], task: int, alternatives: Alternatives | None = None) -> TextSamples:
+    """The samples of ``items``, each with its perturbed answers and paraphrase from ``alternatives`` (by prompt)."""
+    alts = alternatives or {}
+    return TextSamples([TextSample(p, a, task, g, *alts.get(p, ((), None))) for p, a, g, _ in items],
                        torch.tensor([label for *_, label in items], dtype=torch.int64))
 
 
 def assemble_requests(cfg: TextStreamConfig, seed: int, names: tuple[str, ...], task_names: Sequence[str],
                       forget: list[list[Item]], held: list[list[Item]], utility: list[list[Item]],
-                      refusal: str | None = None, learn: list[Item] | None = None) -> Stream:
+                      refusal: str | None = None, learn: list[Item] | None = None,
+                      alternatives: Alternatives | None = None) -> Stream:
     """The stream of requests (module docstring): each request's forget set capped at ``max_train_per_task``,
     each test-only group (``held``, ``utility``) at ``max_test_per_task``; experience ``k`` trains on request
     ``k + 1``'s forget set, test experience ``k`` scores it with its held-out samples, test experience 0 the
     utility groups too. With ``learn``, experience 0 trains on it and tests the utility groups alone, and the
-    requests follow."""
+    requests follow. ``alternatives``: perturbed answers and paraphrases by prompt, given to the test samples."""
     T = len(forget)
     forget = [_cap(f, cfg.max_train_per_task, generator(seed, _TRAIN_CAP, t)) for t, f in enumerate(forget)]
     test_only = [*held, *utility]
@@ -563,7 +582,7 @@ def assemble_requests(cfg: TextStreamConfig, seed: int, names: tuple[str, ...], 
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks, task_names=tuple(task_names),
                           label_words=((),) * cfg.n_tasks, groups=names, refusal=refusal)
     return assemble_text(cfg, seed, spec, [_samples(items, k) for k, items in enumerate(trains)],
-                         [_samples(items, k) for k, items in enumerate(tests)])
+                         [_samples(items, k, alternatives) for k, items in enumerate(tests)])
 
 
 def _reference(items: Sequence[Item]) -> Any:
@@ -644,7 +663,7 @@ def build_tofu_unlearning(cfg: BenchmarkConfig, seed: int) -> Stream:
         raise TypeError(f"stream 'tofu_unlearning' needs a TofuUnlearningConfig, got {type(cfg).__name__}")
     cfg = text_config(cfg)
     assert isinstance(cfg, TofuUnlearningConfig)
-    files = tofu_files(cfg.requests, cfg.retains, cfg.utility)
+    files = tofu_files(cfg.requests, cfg.retains, cfg.utility, cfg.truth_ratio)
     paths = {f.stem: p for f, p in check_files(cfg.name, cfg.data_root, files).items()}
     s, T = stream_seed(cfg, seed), len(cfg.requests)
     names = groups(T, list(cfg.utility))
@@ -674,7 +693,21 @@ def build_tofu_unlearning(cfg: BenchmarkConfig, seed: int) -> Stream:
         forget.append([item(new[k], t) for k in sorted(order[:n_train])])
         held.append([item(new[k], T + t) for k in sorted(order[n_train:])])
     utility = [[item(p, 2 * T + u) for p in pairs(TOFU_UTILITY[name])] for u, name in enumerate(cfg.utility)]
-    stream = assemble_requests(cfg, s, names, cfg.requests, forget, held, utility, refusal=TOFU_REFUSE)
+    alternatives = None
+    if cfg.truth_ratio:
+        alternatives = {}
+        for split in [*cfg.requests, *(TOFU_UTILITY[u] for u in cfg.utility)]:
+            path = paths[perturbed_split(split)]
+            for i, r in enumerate(read_table(path, ("question", "answer", "perturbed_answer"))):
+                perturbed = r["perturbed_answer"]
+                if not (isinstance(perturbed, list | tuple) and perturbed
+                        and all(isinstance(a, str) for a in perturbed)):
+                    raise ValueError(f"{path}, record {i}: 'perturbed_answer' must be a non-empty list of strings")
+                paraphrase = r.get("paraphrased_answer")
+                prompt = tofu_prompt(_string(r["question"], path, i, "question"), cfg.prompt_style)
+                alternatives[prompt] = (tuple(perturbed), paraphrase if isinstance(paraphrase, str) else None)
+    stream = assemble_requests(cfg, s, names, cfg.requests, forget, held, utility, refusal=TOFU_REFUSE,
+                               alternatives=alternatives)
     retains = {name: _reference([item(p, -1) for p in pairs(name)]) for name in cfg.retains}
     stream.references = {**retains, "retain": retains[cfg.retains[-1]]}
     return stream
