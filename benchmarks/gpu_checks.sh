@@ -39,5 +39,7 @@ step basis_cuda 90 "$PY" -m benchmarks.basis --device cuda --json "$OUT/basis.js
 step projection_cuda 90 "$PY" -m benchmarks.projection --device cuda --steps 50 --json "$OUT/projection.json"
 # 4. A LoRA step of the tiny LM (clbench's loop vs a hand-written peft loop) on the GPU.
 step lm_cuda 60 "$PY" -m benchmarks.lm --device cuda --json "$OUT/lm.json"
+# 5. O3's gated inference with its detectors (MiniLM-L6) on the GPU, tiny LM.
+step o3_cuda 90 "$PY" -m benchmarks.o3 --device cuda --repeats 10 --json "$OUT/o3.json"
 rm -rf "$OUT/ckpt" "$OUT/hydra" "$OUT/art" "$OUT/mlflow.db"  # at most 8 files come back: keep the logs and JSON
 cat "$OUT/summary.txt"

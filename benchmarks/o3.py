@@ -30,7 +30,6 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 
@@ -56,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(__doc__.splitlines()[0], setup, argv, repeats=15)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     model = build_lm(LMConfig(name="causal_lm", pretrained=None if args.model == "tiny-llama" else args.model,
                               lora_targets=TARGETS, lora_dropout=0.0, max_new_tokens=args.max_new_tokens))
-    model.eval()
+    model.to(device).eval()
     with torch.no_grad():  # a non-zero adapter, as after a request
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = stream.benchmark
     samples = list(bench.test_stream[1].dataset)[: args.batch]
     prompts = [s.prompt for s in samples]
-    batch = model.collate(samples)
+    batch = {k: v.to(device) for k, v in model.collate(samples).items()}
 
-    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1)
     engine = Engine(EngineConfig(batch_size=8, optimizer="adamw"), fabric)
     ctx = Context(model=None, module=None, fabric=fabric, stream=SimpleNamespace(), seed=0,  # type: ignore[arg-type]
                   batch_size=8, sources=None)
-    encoder = DetectorEncoder()
+    encoder = DetectorEncoder(device=device)
     detectors: list[RequestDetector] = []
     per_request = []
     for t in range(1, args.requests + 1):
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def weights() -> torch.Tensor:
         return torch.as_tensor(max_over_detectors([d.weights(prompts) for d in detectors], len(prompts)),
-                               dtype=torch.float32)
+                               dtype=torch.float32, device=device)
 
     given = batch | {GATE: weights()}
     with torch.no_grad():
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = {k: paired_ratio(times[k], times[base]) for k, base in
               (("forward_gated", "forward"), ("forward_o3", "forward"), ("score_o3", "score"))}
     print(f"{args.model} + LoRA on {TARGETS}, batch {args.batch}, {args.requests} detectors (MiniLM-L6, 32 "
-          f"tokens); torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats, load average "
-          f"{os.getloadavg()[0]:.2f}; the batch's w: {weights().numpy().round(2).tolist()}")
+          f"tokens), {device}; torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats, load "
+          f"average {os.getloadavg()[0]:.2f}; the batch's w: {weights().cpu().numpy().round(2).tolist()}")
     for k in fns:
         print(f"  {k:14s} {1e3 * med[k]:8.2f} ms")
     target = ratios["forward_o3"]
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in per_request:
         print(f"  request {r['request']}: detector fit {r['fit_s']:.2f} s; the batch scored by {r['request']} "
               f"detector(s) {r['score_batch_ms']:.1f} ms")
-    return finish(args, {"benchmark": "o3", "model": args.model, "ms": {k: 1e3 * v for k, v in med.items()},
-                         "ratios": ratios, "per_request": per_request, "load_average": os.getloadavg()[0],
-                         "weights": np.asarray(weights()).tolist()})
+    return finish(args, {"benchmark": "o3", "model": args.model, "device": str(device),
+                         "ms": {k: 1e3 * v for k, v in med.items()}, "ratios": ratios, "per_request": per_request,
+                         "load_average": os.getloadavg()[0], "weights": weights().cpu().tolist()})
 
 
 def _gated_forward(model: Any, batch: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
