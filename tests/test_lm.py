@@ -205,6 +205,15 @@ def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pyt
         answer = p(s.prompt, s.answer)
         assert scores["probability_mc"][i].item() == pytest.approx(100 * answer / (answer + sum(perturbed)), rel=1e-4)
     assert "truth_ratio" not in model.score(model.collate(SAMPLES))  # no perturbed answers: no truth scores
+    with torch.no_grad():  # answers driven to a vanishing probability: finite scores, log R clipped
+        scale = torch.tensor(1e4)
+        head = model.base_model().get_output_embeddings()
+        weight = head.weight.clone()
+        head.weight.mul_(scale)
+        extreme = model.score(model.collate(samples))
+        head.weight.copy_(weight)
+    assert all(torch.isfinite(extreme[k]).all() for k in ("truth_ratio", "truth", "probability_mc"))
+    assert (extreme["truth_ratio"] <= math.exp(40) * (1 + 1e-9)).all()
     mixed = [*samples, TextSample("who ?\nAnswer:", "ab", 0, 0, ("cd",))]  # 2, 2 and 1 perturbed answers
     alone = model.score(model.collate(mixed[2:]))
     torch.testing.assert_close(model.score(model.collate(mixed))["truth_ratio"][2], alone["truth_ratio"][0], rtol=1e-5,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ REJECTED = "rejected_"
 """Prefix of a preference batch's tensors of the rejected answers (the chosen ones have the plain keys)."""
 PARAPHRASE, PERTURBED = "para_", "pert"
 """Key prefixes of a sample's paraphrased answer and of its perturbed answer k (``pert<k>_``) in a batch."""
+LOG_RATIO_CLIP = 40.0
+"""|log R| bound of the truth ratio (R in [e⁻⁴⁰, e⁴⁰]): finite when an answer's probability vanishes."""
 TINY = {CAUSAL: "tiny-llama", SEQ2SEQ: "tiny-t5"}
 
 
@@ -543,24 +546,27 @@ class LanguageModel(LoraAdapters, ContinualModel):
     def _truth_scores(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """TOFU's scores against perturbed answers (Maini et al. 2024, §2.5), with p(a) = P(a|q)^(1/|a|) the
         length-normalised probability (exp of minus the mean answer NLL): ``truth_ratio`` R = mean_k p(â_k) / p(ã)
-        (â_k the perturbed answers, ã the paraphrase; ≈ 1 when the model cannot tell the true answer from false
-        ones, ≪ 1 when it knows it); ``truth`` = 100·max(0, 1 − R) (TOFU's utility form); ``probability_mc`` =
-        100·p(a) / (p(a) + Σ_k p(â_k)) (TOFU's probability on real authors and world facts)."""
-        gated = self.gated(batch.get(GATE))
-        with gated:
-            para = torch.exp(-self._mean_nll(_prefixed(batch, PARAPHRASE)))
+        (â_k the sample's perturbed answers, ã the paraphrase; ≈ 1 when the model cannot tell the true answer from
+        false ones, ≪ 1 when it knows it); ``truth`` = 100·max(0, 1 − R) (TOFU's utility form); ``probability_mc``
+        = 100·p(a) / (p(a) + Σ_k p(â_k)) (TOFU's probability on real authors and world facts). Computed from log
+        probabilities, so answers driven to a vanishing probability (gradient ascent) give finite scores; log R is
+        clipped to ±:data:`LOG_RATIO_CLIP`."""
+        with self.gated(batch.get(GATE)):
+            para = -self._mean_nll(_prefixed(batch, PARAPHRASE)).to(torch.float64)
             pert = []
             k = 0
             while f"{PERTURBED}{k}_labels" in batch:
-                pert.append(torch.exp(-self._mean_nll(_prefixed(batch, f"{PERTURBED}{k}_"))))
+                pert.append(-self._mean_nll(_prefixed(batch, f"{PERTURBED}{k}_")).to(torch.float64))
                 k += 1
-        counted = torch.arange(len(pert), device=loss.device) < batch[PERTURBED + "_count"][:, None].to(loss.device)
-        perturbed = torch.stack(pert, 1).to(torch.float64) * counted  # a sample's own answers only
-        total = perturbed.sum(1)
-        ratio = total / counted.sum(1) / para.to(torch.float64)
-        answer = torch.exp(-loss)
-        return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0),
-                "probability_mc": 100.0 * answer / (answer + total)}
+        logp = torch.stack(pert, 1)  # log p(â_k), (n, K)
+        counted = torch.arange(k, device=logp.device) < batch[PERTURBED + "_count"][:, None].to(logp.device)
+        logp = logp.masked_fill(~counted, -math.inf)  # a sample's own perturbed answers only
+        log_sum = torch.logsumexp(logp, 1)
+        log_ratio = (log_sum - counted.sum(1).log() - para).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+        ratio = log_ratio.exp()
+        answer = -loss.to(torch.float64)  # log p(a)
+        mc = torch.exp(answer - torch.logaddexp(answer, log_sum))
+        return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0), "probability_mc": 100.0 * mc}
 
     def _mean_nll(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mean answer-token NLL of every sample, ``(n,)``."""
