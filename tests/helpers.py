@@ -98,3 +98,23 @@ def wait_for_checkpoint(cwd: Path, ready: Callable[[dict[str, Any]], bool], proc
             pass
         time.sleep(0.02)
     raise AssertionError("the run ended, or ran out of time, before its checkpoint was ready")
+
+
+def fails_fast_without_data_and_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: str,
+                                      first_missing: str) -> None:
+    """``experiment=<experiment>`` with no data under ``tmp_path/data`` and its model not on disk (offline): one
+    FileNotFoundError naming ``first_missing`` (relative to the data root) and the model, within 10 s, before
+    anything is logged."""
+    from clbench.experiment import run
+    from clbench.models import hf_loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_loading, "_download_blocker", lambda download: "HF_HUB_OFFLINE is set")
+    cfg = run_config(tmp_path, f"experiment={experiment}", f"benchmark.data_root={tmp_path}/data")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        run(cfg)
+    message = str(info.value)
+    assert f"{tmp_path}/data/{first_missing}" in message
+    assert f"Also missing: model '{cfg.model.pretrained}' is not on disk and HF_HUB_OFFLINE is set" in message
+    assert time.perf_counter() - start < 10 and not (tmp_path / "mlflow.db").exists()

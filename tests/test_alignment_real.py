@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_config
+from helpers import fails_fast_without_data_and_model, run_config
 
 from clbench.config import ConfigError
-from clbench.models import hf_loading
 from clbench.streams.alignment_real import FOLDER, OGPSA_REPO, PROMPT_END, REFERENCES, SAFETY
 from clbench.streams.text import PreferenceSample, TextSample
 
@@ -211,15 +210,4 @@ def test_the_codes_settings_compose(tmp_path, name):
 @pytest.mark.parametrize("name", ["ogpsa_qwen_sft", "ogpsa_llama_sft_dpo"])
 def test_the_codes_settings_without_data_or_model_name_both_at_once(tmp_path, monkeypatch, name):
     """One error naming the missing data files and the model, before anything is loaded or logged."""
-    from clbench.experiment import run
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_loading, "_download_blocker", lambda download: "HF_HUB_OFFLINE is set")
-    cfg = run_config(tmp_path, f"experiment={name}", f"benchmark.data_root={tmp_path}/data")
-    start = time.perf_counter()
-    with pytest.raises(FileNotFoundError) as info:
-        run(cfg)
-    message = str(info.value)
-    assert f"{tmp_path}/data/{FOLDER}/{FILES['saferlhf2_sft']}" in message
-    assert f"Also missing: model '{cfg.model.pretrained}' is not on disk and HF_HUB_OFFLINE is set" in message
-    assert time.perf_counter() - start < 10 and not (tmp_path / "mlflow.db").exists()
+    fails_fast_without_data_and_model(tmp_path, monkeypatch, name, f"{FOLDER}/{FILES['saferlhf2_sft']}")

@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_config
+from helpers import fails_fast_without_data_and_model, run_config
 
 from clbench.config import ConfigError
-from clbench.models import hf_loading
 from clbench.streams.unlearning_real import ALPACA, TOFU_REFUSE
 
 pa = pytest.importorskip("pyarrow")
@@ -372,18 +371,7 @@ def test_o3_tofu_composes_at_the_codes_settings(tmp_path):
                                              ("o3_tofu", "TOFU/forget01.json")])
 def test_the_codes_settings_without_data_or_model_name_both_at_once(tmp_path, monkeypatch, name, first):
     """One error naming the missing data files and the model, before anything is loaded or logged."""
-    from clbench.experiment import run
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_loading, "_download_blocker", lambda download: "HF_HUB_OFFLINE is set")
-    cfg = run_config(tmp_path, f"experiment={name}", f"benchmark.data_root={tmp_path}/data")
-    start = time.perf_counter()
-    with pytest.raises(FileNotFoundError) as info:
-        run(cfg)
-    message = str(info.value)
-    assert f"{tmp_path}/data/{first}" in message
-    assert f"Also missing: model '{cfg.model.pretrained}' is not on disk and HF_HUB_OFFLINE is set" in message
-    assert time.perf_counter() - start < 10 and not (tmp_path / "mlflow.db").exists()
+    fails_fast_without_data_and_model(tmp_path, monkeypatch, name, first)
 
 
 def test_a_tiny_o3_run_unlearns_from_experience_0(tmp_path):
