@@ -46,13 +46,15 @@ _EVAL_KEY = 3  # order of the test batches (see Context.eval_order)
 @dataclass
 class RunResult:
     """What a run produced: R (%) of the stream's primary score, the initial model's primary scores b, the four
-    headline scores, the MLflow run id, and the matrices of every other score the model gives (same layout)."""
+    headline scores, the MLflow run id, the matrices of every other score the model gives (same layout), and the
+    lines of ``per_sample.csv`` (the stream's per-sample scores, :data:`clbench.metrics.PER_SAMPLE_HEADER`)."""
 
     R: np.ndarray
     initial: np.ndarray
     scores: dict[str, float]
     run_id: str
     others: dict[str, np.ndarray] = field(default_factory=dict)
+    per_sample: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -73,7 +75,7 @@ def _matrix_csv(M: np.ndarray) -> str:
 
 
 def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndarray,
-                     others: dict[str, np.ndarray]) -> None:
+                     others: dict[str, np.ndarray], per_sample: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +87,8 @@ def _write_artifacts(tracker: Tracker, cfg: RunConfig, R: np.ndarray, b: np.ndar
         (d / "accuracy_matrix.csv").write_text(_matrix_csv(R))
         for name, M in others.items():  # every other score of the model, per cell
             (d / f"{name}_matrix.csv").write_text(_matrix_csv(M))
+        if per_sample:  # the stream's per-sample scores, every evaluation (TOFU's forget quality reads them)
+            (d / "per_sample.csv").write_text("\n".join([metrics.PER_SAMPLE_HEADER, *per_sample]) + "\n")
         (d / "initial_accuracy.csv").write_text(
             "task,accuracy\n" + "".join(f"{j},{v:.4f}\n" for j, v in enumerate(b)))
         (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -245,16 +249,23 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     except ValueError as e:
         raise ConfigError(f"benchmark '{spec.name}' with model '{cfg.model.name}': {e}") from e
 
-    def evaluate_all() -> dict[str, np.ndarray]:
-        """Every named score of the model on every test experience: name → one value per experience."""
+    group_names = getattr(spec, "groups", ())
+    kept_scores = getattr(spec, "per_sample", ())
+
+    def evaluate_all(after: int) -> dict[str, np.ndarray]:
+        """Every named score of the model on every test experience: name → one value per experience. The
+        per-sample values of the stream's ``per_sample`` scores go to ``per_sample`` (CSV lines)."""
         model.eval()
         cells = []
         for j, s in enumerate(tests):
             strategy.evaluate_as(ctx, j)  # a no-op but for task-identity oracles (per_task_ft)
             s = strategy.scored_source(ctx, j, s)  # the source itself but for per-input fields (O3's gate)
+            kept = metrics.PerSample(kept_scores) if kept_scores else None
             cells.append(metrics.evaluate(model.score, s.batches(cfg.engine.eval_batch_size, shuffle=True,
                                                                  generator=ctx.eval_order(_EVAL_KEY, j)),
-                                          fabric.device, groups=getattr(spec, "groups", ())))
+                                          fabric.device, groups=group_names, kept=kept))
+            if kept is not None:
+                per_sample.extend(kept.lines(after, j, group_names))
         strategy.evaluate_as(ctx, None)
         model.train()
         if primary not in cells[0]:
@@ -268,6 +279,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         federation = FederatedLoop(cfg.federated, cfg.engine, ctx, strategy, clients)  # type: ignore[arg-type]
     R = np.full((T, T), np.nan)
     others: dict[str, np.ndarray] = {}
+    per_sample: list[str] = []  # per_sample.csv's lines so far (metrics.PER_SAMPLE_HEADER)
     if state is not None:
         strategy.load_state_dict(state["strategy"])
         module.begin_experience(min(state["experience"], T - 1))  # the trainable part the experience had
@@ -276,6 +288,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         if federation is not None:  # the loop's position; the global θ is the model just loaded
             federation.load_state_dict(state["federation"], module)
         R, b, start, others = state["R"], state["initial"], state["experience"], state["others"]
+        per_sample = list(state.get("per_sample", []))
         print(f"Resuming {run_name(cfg)} from {path} (experience {min(start + 1, T)}/{T}, "
               f"epoch {state['next_epoch']})")
     elif cfg.resume:
@@ -300,8 +313,8 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             "optimizer": ctx.optimizer.state_dict() if with_optimizer and ctx.optimizer else None,
             "schedule": ctx.schedule.state_dict() if with_optimizer and ctx.schedule else None,
             "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(), "R": R, "initial": b,
-            "others": others, "step": ctx.step, "run_id": tracker.run_id, "anchors": anchors,
-            "federation": None if federation is None else federation.state_dict()})
+            "others": others, "per_sample": per_sample, "step": ctx.step, "run_id": tracker.run_id,
+            "anchors": anchors, "federation": None if federation is None else federation.state_dict()})
 
     def train_experience(i: int) -> None:
         """Experience i on one learner: the engine (or the strategy's own loop), resumable mid-experience."""
@@ -380,7 +393,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             notes = getattr(module, "collate_notes", {})
             if notes:
                 tracker.log_metrics({f"data/{k}": v for k, v in notes.items()}, step=0)
-            initial = evaluate_all()
+            initial = evaluate_all(-1)
             b, start = initial[primary], 0
             others = {k: np.full((T, T), np.nan) for k in initial if k != primary}
             snapshot(0, 0, with_optimizer=False)  # from here on a killed run resumes into this MLflow run
@@ -395,7 +408,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
                     checkpoint.set_rng_state(state["rng"])
                     start_round = federation.next_round
                 per_exp = federation.train_task(ctx, partial(on_round, i), start_round, partial(on_round_end, i))
-            row = evaluate_all()
+            row = evaluate_all(i)
             R[i] = row[primary]
             per_exp |= {"acc_exp": metrics.acc_seen(R, i), "bwt_exp": metrics.bwt_seen(R, i)}
             per_exp |= {f"acc_task/{j}": R[i, j] for j in range(T)} | strategy.diagnostics()
@@ -414,15 +427,16 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
         totals = {} if federation is None else federation.totals()
         tracker.log_metrics(metrics.summary(R, b) | totals, step=T - 1)  # also when resumed after the last snapshot
         if lead:
-            _write_artifacts(tracker, cfg, R, b, others)
+            _write_artifacts(tracker, cfg, R, b, others, per_sample)
     except BaseException as error:
         display.close()
         _close_failed(tracker, error)
         raise
     tracker.finish()
     if not lead:
-        return RunResult(R=R, initial=b, scores=metrics.summary(R, b), run_id=tracker.run_id, others=others)
-    return _finish_print(cfg, R, b, tracker.run_id, others, primary)
+        return RunResult(R=R, initial=b, scores=metrics.summary(R, b), run_id=tracker.run_id, others=others,
+                         per_sample=per_sample)
+    return replace(_finish_print(cfg, R, b, tracker.run_id, others, primary), per_sample=per_sample)
 
 
 def _anchored(ctx: Context, strategy: Strategy, source: BatchSource, batch_size: int, split: str,

@@ -1,4 +1,5 @@
-"""Forgetting metrics from the accuracy matrix R (all in %).
+"""Forgetting metrics from the accuracy matrix R (all in %), the evaluation that fills it, and TOFU's KS-test
+forget quality.
 
 R[i, j] is the test accuracy on experience j after training experience i (T × T; every entry is measured,
 including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untrained) model on experience j.
@@ -7,6 +8,7 @@ including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,26 +87,86 @@ def summary(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"acc": acc(R), "bwt": bwt(R), "fwt": fwt(R, b), "forgetting": forgetting(R)}
 
 
+@dataclass
+class PerSample:
+    """The per-sample values of the scores ``names`` over one evaluation (:func:`evaluate`), each with its sample's
+    group index (−1: the batch has no groups), for statistics a mean cannot give (TOFU's KS-test forget quality:
+    :func:`forget_quality`)."""
+
+    names: tuple[str, ...]
+    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    groups: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, scores: Mapping[str, torch.Tensor], group: torch.Tensor | None) -> None:
+        for name in self.names:
+            if name in scores:
+                values = scores[name].detach().to(torch.float64).cpu().numpy()
+                self.values.setdefault(name, []).append(values)
+                self.groups.setdefault(name, []).append(
+                    np.full(len(values), -1) if group is None else group.cpu().numpy())
+
+    def lines(self, after: int, test_experience: int, group_names: Sequence[str]) -> list[str]:
+        """CSV lines ``score,after_experience,test_experience,group,value`` (:data:`PER_SAMPLE_HEADER`; group ""
+        where none)."""
+        out = []
+        for name, chunks in self.values.items():
+            for values, groups in zip(chunks, self.groups[name], strict=True):
+                out += [f"{name},{after},{test_experience},{group_names[g] if g >= 0 else ''},{v:.10g}"
+                        for v, g in zip(values.tolist(), groups.tolist(), strict=True)]
+        return out
+
+
+PER_SAMPLE_HEADER = "score,after_experience,test_experience,group,value"
+"""The header of a run's ``per_sample.csv`` artifact (after_experience −1: the initial evaluation)."""
+
+
+def per_sample_values(text: str, score: str, after: int | None, groups: Sequence[str]) -> np.ndarray:
+    """The values of ``score`` in a ``per_sample.csv`` text for the samples of ``groups`` evaluated after
+    experience ``after`` (−1: the initial evaluation; None: the last one)."""
+    rows = [line.split(",") for line in text.strip().splitlines()[1:]]
+    mine = [r for r in rows if r[0] == score]
+    if after is None:
+        after = max((int(r[1]) for r in mine), default=-1)
+    return np.array([float(r[4]) for r in mine if int(r[1]) == after and r[3] in groups])
+
+
+def forget_quality(unlearned: np.ndarray, retained: np.ndarray) -> float:
+    """TOFU's forget quality (Maini et al. 2024, §2.5): the p-value of the two-sample Kolmogorov–Smirnov test
+    between the truth ratios of the forget set's samples under the unlearned model and under a model that never
+    learnt them (the retain model); high (→ 1) when the two distributions cannot be told apart. The test depends on
+    the samples' ranks only, so the truth ratio and its inverse (TOFU's code computes p(ã)/p(â)) give the same
+    p-value."""
+    from scipy.stats import ks_2samp
+
+    if len(unlearned) == 0 or len(retained) == 0:
+        raise ValueError(f"forget quality needs samples on both sides, got {len(unlearned)} and {len(retained)}")
+    return float(ks_2samp(unlearned, retained).pvalue)
+
+
 @torch.no_grad()
 def evaluate(score: Callable[[Any], dict[str, torch.Tensor]], batches: Iterable[Any], device: torch.device,
-             groups: Sequence[str] = ()) -> dict[str, float]:
+             groups: Sequence[str] = (), kept: PerSample | None = None) -> dict[str, float]:
     """The mean over every sample of ``batches`` of each named per-sample score ``score(batch)`` gives (a model's
     :meth:`~clbench.models.base.ContinualModel.score`: accuracy in %, exact match, loss, ...), accumulated on the
     device in float64 with torchmetrics. With ``groups`` (the stream's group names) and dict batches carrying a
     ``group`` index per sample, also the mean of each score over each group's samples, as ``<score>.<group>``
-    (only for groups that have samples here)."""
+    (only for groups that have samples here). ``kept`` collects the per-sample values of its scores."""
     means: dict[str, MeanMetric] = {}
 
     def update(name: str, values: torch.Tensor) -> None:
         if name not in means:
-            means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(device)
+            # set_dtype after .to: .to() casts the states back to float32 (torchmetrics 1.x)
+            means[name] = MeanMetric(nan_strategy="error").to(device).set_dtype(torch.float64)
         means[name].update(values.to(torch.float64))
 
     for batch in batches:
         scores = score(batch)
         for name, values in scores.items():
             update(name, values)
-        if groups and isinstance(batch, Mapping) and "group" in batch:
+        grouped = isinstance(batch, Mapping) and "group" in batch
+        if kept is not None:
+            kept.add(scores, batch["group"] if grouped else None)
+        if groups and grouped:
             index = batch["group"].to(device)
             for g in index.unique().tolist():
                 if g < 0:

@@ -5,7 +5,9 @@ rows (methods, each with its own overrides per column) and the published numbers
 with ``published: false`` has no published counterpart (a stand-in for a setting the paper reports no figure of);
 one with ``stands_in_for: <key>`` is a second stand-in for the real benchmark of column ``<key>``: it has no
 published column of its own (the table shows one published column per real benchmark), and its cells are compared
-with that column's published values (manifest). A reproduced cell shows ACC / BWT, or the spec's ``scores``. A
+with that column's published values (manifest). A reproduced cell shows ACC / BWT, or the spec's ``scores`` (a
+score may also compare each run with a reference run, as TOFU's KS-test forget quality does:
+:func:`reference_cells`). A
 cell's runs are its command with ``seed`` ∈ ``seeds``; they are found in MLflow by the hash of their logged config
 (every non-default setting but the seed: :func:`clbench.fingerprint.fingerprint_params`), so a run of any other
 setting never lands in a cell.
@@ -44,10 +46,10 @@ HEADLINE = ("acc", "bwt", "fwt", "forgetting")
 DEFAULT_SCORES = ({"key": "acc", "metric": "acc", "label": "ACC"}, {"key": "bwt", "metric": "bwt", "label": "BWT"})
 
 
-def scores(spec: dict[str, Any]) -> list[dict[str, str]]:
-    """The scores a reproduced cell shows, in order: the spec's ``scores`` (each a ``key``, the MLflow ``metric``
-    whose last value it takes, or a list of metrics whose last values it averages, and a ``label``), else
-    ACC / BWT."""
+def scores(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scores a reproduced cell shows, in order: the spec's ``scores`` (each a ``key``, a ``label`` and either
+    the MLflow ``metric`` whose last value it takes, or a list of metrics whose last values it averages, or a
+    two-run ``ks`` score: :func:`reference_cells`), else ACC / BWT."""
     return list(spec.get("scores") or DEFAULT_SCORES)
 
 
@@ -112,7 +114,69 @@ def cells(spec: dict[str, Any]) -> list[Cell]:
     return [Cell(m, c, o, _KEYS[o]) for m, c, o in pairs]
 
 
+def reference_cells(spec: dict[str, Any]) -> list[Cell]:
+    """The reference runs of the spec's two-run scores, in table order. A score ``{key, label, ks: {score, groups,
+    reference: {<column>: [overrides]}, reference_after}}`` is TOFU's KS-test forget quality
+    (:func:`clbench.metrics.forget_quality`): the p-value between the per-sample ``score`` values
+    (``per_sample.csv``) of a cell's run over ``groups`` at its last evaluation and those of the reference run (the
+    column's overrides + ``reference[column]``, same seed) after experience ``reference_after`` (−1: initially),
+    e.g. a retain model that never learnt the forget set. A reference cell's method is ``reference:<score key>``."""
+    pairs = [(f"reference:{sc['key']}", col["key"], (*col["overrides"], *sc["ks"]["reference"][col["key"]]))
+             for sc in scores(spec) if "ks" in sc for col in spec["columns"]
+             if col["overrides"] is not None and col["key"] in sc["ks"]["reference"]]
+    todo = list(dict.fromkeys(o for *_, o in pairs if o not in _KEYS))
+    for overrides, cfg in zip(todo, compose(*map(list, todo)), strict=True):
+        _KEYS[overrides] = fingerprint(cfg, with_seed=False)
+    return [Cell(m, c, o, _KEYS[o]) for m, c, o in pairs]
+
+
 # ------------------------------------------------------------------------------------------ step 1: MLflow
+
+
+def _per_sample(client: Any, run_id: str) -> str:
+    """A run's ``per_sample.csv`` artifact (its stream's per-sample scores), as text."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "per_sample.csv", tmp)
+        except Exception as e:  # MLflow raises its own or an OSError, depending on the store
+            raise SystemExit(f"clbench report: run {run_id} has no per_sample.csv artifact ({e}); its stream keeps "
+                             "no per-sample scores, or it ran before clbench kept them: run it again") from e
+        return Path(path).read_text()
+
+
+def _ks_values(spec: dict[str, Any], rows: list[dict[str, Any]], references: dict[tuple[str, str, int], str],
+               clients: dict[str, Any]) -> None:
+    """Fill each row's two-run scores (:func:`reference_cells`) from its run's and its reference run's
+    ``per_sample.csv``; NaN (shown "–") where the reference has not run."""
+    from clbench.metrics import forget_quality, per_sample_values
+
+    texts: dict[str, str] = {}
+
+    def text(run_id: str) -> str:
+        if run_id not in texts:
+            texts[run_id] = _per_sample(clients[run_id], run_id)
+        return texts[run_id]
+
+    missing = set()
+    for sc in (sc for sc in scores(spec) if "ks" in sc):
+        ks = sc["ks"]
+        for row in rows:
+            ref = references.get((sc["key"], row["column"], row["seed"]))
+            if row["column"] not in ks["reference"]:
+                row[sc["key"]] = math.nan
+                continue
+            if ref is None:
+                missing.add((sc["key"], row["column"], row["seed"]))
+                row[sc["key"]] = math.nan
+                continue
+            mine = per_sample_values(text(row["run_id"]), ks["score"], None, ks["groups"])
+            theirs = per_sample_values(text(ref), ks["score"], ks.get("reference_after", 0), ks["groups"])
+            row[sc["key"]] = round(forget_quality(mine, theirs), 6)
+    for key, column, seed in sorted(missing):
+        print(f"clbench report: no reference run for '{key}' in column '{column}', seed {seed} "
+              "(`--commands` prints its command)")
 
 
 def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -123,8 +187,10 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
     from mlflow.tracking import MlflowClient
 
     wanted = {c.config_key: c for c in cells(spec)}
+    refs = {c.config_key: c for c in reference_cells(spec)}
     seeds = set(spec["seeds"])
     found: list[tuple[int, dict[str, Any]]] = []  # (start time, row)
+    found_refs: list[tuple[int, tuple[str, str, int], str]] = []  # (start time, (score, column, seed), run id)
     clients: dict[str, Any] = {}
     for one in uri.split(","):
         client = MlflowClient(tracking_uri=one)
@@ -135,13 +201,18 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
                                     max_results=50000):
             if "strategy.name" not in r.data.params:
                 continue
-            cell = wanted.get(fingerprint_params(r.data.params))  # recomputed: robust to keys added since
+            key = fingerprint_params(r.data.params)  # recomputed: robust to keys added since
+            cell = wanted.get(key)
             seed = int(r.data.params.get("seed", -1))
+            if key in refs and seed in seeds:
+                clients[r.info.run_id] = client
+                found_refs.append((r.info.start_time, (refs[key].method.split(":", 1)[1], refs[key].column, seed),
+                                   r.info.run_id))
             if cell is None or seed not in seeds:
                 continue
             m = r.data.metrics
             clients[r.info.run_id] = client
-            extra = {sc["key"]: round(score_value(m, sc["metric"]), 4) for sc in scores(spec)}
+            extra = {sc["key"]: round(score_value(m, sc["metric"]), 4) for sc in scores(spec) if "ks" not in sc}
             found.append((r.info.start_time, {
                 "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
                 "run_id": r.info.run_id, **{k: round(m[k], 4) for k in HEADLINE}, **extra}))
@@ -149,6 +220,8 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
     for _, row in sorted(found, key=lambda f: f[0], reverse=True):  # the latest run of a cell and seed counts
         rows.setdefault((row["method"], row["column"], row["seed"]), row)
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (_order(spec, k[0], k[1]), k[2]))]
+    references = {where: run_id for _, where, run_id in sorted(found_refs, key=lambda f: f[0])}  # the latest
+    _ks_values(spec, ordered, references, clients)
     return ordered, clients
 
 
@@ -188,14 +261,16 @@ def _round(x: float | None, digits: int) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def _csv_num(x: float | None) -> str:
-    return "" if x is None else f"{x:.4f}"
+def _csv_num(x: float | None, p_value: bool = False) -> str:
+    return "" if x is None else f"{x:.6g}" if p_value else f"{x:.4f}"
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
+def _fmt(mean: float | None, std: float | None, p_value: bool = False) -> str:
+    """``mean ± std`` with 2 decimals (a p-value: 3 significant digits); "–" for no value."""
     if mean is None:
         return "–"
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    form = ".3g" if p_value else ".2f"
+    return f"{mean:{form}}" if std is None else f"{mean:{form}} ± {std:{form}}"
 
 
 def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -208,7 +283,9 @@ def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[st
             mine = [r for r in runs if (r["method"], r["column"]) == key]
             entry: dict[str, Any] = {"n": len(mine), "seeds": sorted(r["seed"] for r in mine)}
             for score in scores(spec):
-                entry[score["key"]] = _mean_std([r[score["key"]] for r in mine]) if mine else None
+                values = [r[score["key"]] for r in mine
+                          if not ("ks" in score and math.isnan(r.get(score["key"], math.nan)))]
+                entry[score["key"]] = _mean_std(values) if values else None  # a two-run score without reference
             pub = (m.get("published") or {}).get(col.get("stands_in_for") or col["key"])
             entry["published"] = None if pub is None else {
                 "acc": pub[0], "acc_std": pub[1], "bwt": pub[2], "bwt_std": pub[3], "source": pub[4]}
@@ -261,7 +338,8 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
                 row.append(_published(e["published"], spec.get("published_missing", "–")))
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
-                shown = " / ".join(_fmt(*e[sc["key"]]) for sc in scores(spec)) if e["n"] else ""
+                shown = " / ".join(_fmt(*(e[sc["key"]] or (None, None)), p_value="ks" in sc)
+                                   for sc in scores(spec)) if e["n"] else ""
                 row.append(f"{shown} (n={e['n']})" if e["n"] else "not run yet" if planned else "–")
         lines.append("| " + " | ".join(row) + " |")
     labels = " / ".join(sc["label"] for sc in scores(spec))
@@ -286,6 +364,7 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
 def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]]) -> str:
     """One line per published and per reproduced cell; a published value fills the first two scores' places."""
     keys = [sc["key"] for sc in scores(spec)]
+    p_values = {sc["key"] for sc in scores(spec) if "ks" in sc}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "column", "kind", *(f for k in keys for f in (k, f"{k}_std")), "n", "source"])
@@ -296,7 +375,7 @@ def render_csv(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, Any]])
                 values = [p["acc"], p["acc_std"], p["bwt"], p["bwt_std"]] + [""] * (2 * len(keys) - 4)
                 w.writerow([m["key"], c["key"], "published", *values[: 2 * len(keys)], "", p["source"]])
             if e["n"]:
-                values = [v for k in keys for v in (f"{e[k][0]:.4f}", _csv_num(e[k][1]))]
+                values = [_csv_num(v, k in p_values) for k in keys for v in (e[k] or (None, None))]
                 w.writerow([m["key"], c["key"], "reproduced", *values, e["n"],
                             c["stand_in"].split(":")[0] if c["stand_in"] else "clbench"])
     return buf.getvalue()
@@ -312,13 +391,18 @@ def render_manifest(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
                                  "command": cell.command(spec["seeds"]), "config_key": cell.config_key}
         if e["published"] is not None:
             entry["published"] = {k: e["published"][k] for k in ("acc", "bwt", "source")}
+        digits = {sc["key"]: 6 if "ks" in sc else 2 for sc in scores(spec)}  # a p-value keeps more
         entry["reproduced"] = None if not e["n"] else {
-            **{k: v for sc in scores(spec) for k, v in ((sc["key"], round(e[sc["key"]][0], 2)),
-                                                        (f"{sc['key']}_std", _round(e[sc["key"]][1], 2)))},
+            **{k: v for key, d in digits.items() for mean, std in [e[key] or (None, None)]
+               for k, v in ((key, _round(mean, d)), (f"{key}_std", _round(std, d)))},
             "seeds": e["seeds"]}
         entries.append(entry)
     manifest = dict(existing or {})
     manifest[spec["name"]] = {"table": f"results/{spec['name']}_table.md", "cells": entries}
+    refs = [{"score": c.method.split(":", 1)[1], "column": c.column, "command": c.command(spec["seeds"]),
+             "config_key": c.config_key} for c in reference_cells(spec)]
+    if refs:
+        manifest[spec["name"]]["references"] = refs
     return yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=120)
 
 
@@ -501,7 +585,7 @@ def write_scatter(spec: dict[str, Any], runs: list[dict[str, Any]], out: Path) -
 def main(name: str, out: Path, uri: str, experiment: str, runs_csv: Path | None, commands: bool) -> int:
     spec = load_spec(name) | {"name": name}
     if commands:
-        for cell in cells(spec):
+        for cell in [*cells(spec), *reference_cells(spec)]:
             print(cell.command(spec["seeds"]))
         return 0
     if runs_csv is not None:

@@ -187,8 +187,10 @@ def test_exact_match_per_sample() -> None:
 
 @pytest.mark.parametrize("family", ["causal", "seq2seq"])
 def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pytest.FixtureRequest) -> None:
-    """TOFU's scores from each variant scored alone: p(a) = exp(−mean NLL); R = mean_k p(â_k) / p(paraphrase);
-    probability_mc = p(a) / (p(a) + Σ p(â_k)); samples with different numbers of perturbed answers are refused."""
+    """TOFU's scores from each variant scored alone: p(a) = exp(−mean NLL); R = geomean_k p(â_k) / p(paraphrase)
+    (TOFU's code; the arithmetic mean with model.truth_ratio_mean=arithmetic, the paper's equation); truth_closeness
+    = min(R, 1/R); probability_mc = p(a) / (p(a) + Σ p(â_k)); samples with different numbers of perturbed answers
+    are refused."""
     model: LanguageModel = request.getfixturevalue(family)
     samples = [TextSample("where was ab born ?\nAnswer:", "paris", 0, 0, ("rome", "oslo"), "in paris"),
                TextSample("what genre ?\nAnswer:", "poetry", 0, 1, ("drama", "comedy"))]
@@ -197,11 +199,18 @@ def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pyt
     def p(prompt: str, answer: str) -> float:
         return math.exp(-float(model.score(model.collate([TextSample(prompt, answer, 0)]))["loss"][0]))
 
+    model.geometric_truth = False
+    arithmetic = model.score(model.collate(samples))
+    model.geometric_truth = True
     for i, s in enumerate(samples):
         perturbed = [p(s.prompt, a) for a in s.perturbed]
-        ratio = np.mean(perturbed) / p(s.prompt, s.paraphrase or s.answer)
+        ratio = math.exp(np.mean(np.log(perturbed))) / p(s.prompt, s.paraphrase or s.answer)
         assert scores["truth_ratio"][i].item() == pytest.approx(ratio, rel=1e-4)
+        assert arithmetic["truth_ratio"][i].item() == pytest.approx(
+            np.mean(perturbed) / p(s.prompt, s.paraphrase or s.answer), rel=1e-4)
+        assert arithmetic["truth_ratio"][i].item() > ratio  # AM > GM for distinct probabilities
         assert scores["truth"][i].item() == pytest.approx(100 * max(0.0, 1 - ratio), abs=1e-3)
+        assert scores["truth_closeness"][i].item() == pytest.approx(100 * min(ratio, 1 / ratio), rel=1e-4)
         answer = p(s.prompt, s.answer)
         assert scores["probability_mc"][i].item() == pytest.approx(100 * answer / (answer + sum(perturbed)), rel=1e-4)
     assert "truth_ratio" not in model.score(model.collate(SAMPLES))  # no perturbed answers: no truth scores
@@ -212,7 +221,7 @@ def test_truth_ratio_against_perturbed_answers_by_hand(family: str, request: pyt
         head.weight.mul_(scale)
         extreme = model.score(model.collate(samples))
         head.weight.copy_(weight)
-    assert all(torch.isfinite(extreme[k]).all() for k in ("truth_ratio", "truth", "probability_mc"))
+    assert all(torch.isfinite(extreme[k]).all() for k in ("truth_ratio", "truth", "truth_closeness", "probability_mc"))
     assert (extreme["truth_ratio"] <= math.exp(40) * (1 + 1e-9)).all()
     mixed = [*samples, TextSample("who ?\nAnswer:", "ab", 0, 0, ("cd",))]  # 2, 2 and 1 perturbed answers
     alone = model.score(model.collate(mixed[2:]))

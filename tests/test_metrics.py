@@ -68,3 +68,37 @@ def test_bad_shapes_raise():
         metrics.acc(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="initial accuracies"):
         metrics.fwt(R, np.zeros(2))
+
+
+def test_evaluate_accumulates_in_float64_and_keeps_chosen_scores_per_sample():
+    """The mean of values float32 cannot tell apart (1e8 + k) is exact; PerSample keeps the chosen score's values
+    with their groups, in batch order."""
+    import torch
+
+    values = torch.tensor([1e8 + 1, 1e8 + 2, 1e8 + 4], dtype=torch.float64)
+    batches = [{"v": values[:2], "group": torch.tensor([0, 1])}, {"v": values[2:], "group": torch.tensor([1])}]
+    kept = metrics.PerSample(("v",))
+    out = metrics.evaluate(lambda b: {"v": b["v"], "w": b["v"]}, batches, torch.device("cpu"), groups=("a", "b"),
+                           kept=kept)
+    assert out["v"] == (3e8 + 7) / 3 and out["v.b"] == 1e8 + 3 and out["v.a"] == 1e8 + 1
+    lines = kept.lines(after=2, test_experience=1, group_names=("a", "b"))
+    assert lines == ["v,2,1,a,100000001", "v,2,1,b,100000002", "v,2,1,b,100000004"]
+    text = "\n".join([metrics.PER_SAMPLE_HEADER, *lines])
+    assert metrics.per_sample_values(text, "v", 2, ["b"]).tolist() == [1e8 + 2, 1e8 + 4]
+    assert metrics.per_sample_values(text, "v", None, ["a", "b"]).size == 3
+    assert metrics.per_sample_values(text, "w", 2, ["a"]).size == 0  # not kept
+
+
+def test_forget_quality_is_the_ks_test_p_value():
+    """Identical samples: 1; fully separated samples of 5 and 5: 2 / C(10, 5); invariant under x → 1/x (TOFU's code
+    inverts the truth ratio); refuses an empty side."""
+    import math
+
+    a = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert metrics.forget_quality(a, a) == 1.0
+    assert metrics.forget_quality(a, a + 1) == pytest.approx(2 / math.comb(10, 5), rel=1e-9)
+    b = np.array([0.15, 0.45, 0.9, 1.1, 2.0, 0.05])
+    assert metrics.forget_quality(1 / a, 1 / b) == pytest.approx(metrics.forget_quality(a, b), rel=1e-12)
+    assert 0.0 < metrics.forget_quality(a, b) < 1.0
+    with pytest.raises(ValueError, match="samples on both sides"):
+        metrics.forget_quality(a, np.array([]))

@@ -196,3 +196,48 @@ def test_a_score_may_average_several_metrics_and_a_missing_one_is_nan():
     assert tables.score_value({"a": 1.0, "b": 3.0}, "a") == 1.0
     assert tables.score_value({"a": 1.0, "b": 3.0}, ["a", "b"]) == 2.0
     assert math.isnan(tables.score_value({"a": 1.0}, ["a", "b"]))
+
+
+def test_forget_quality_is_computed_from_each_run_and_its_reference_run(tmp_path):
+    """The o3 table's two-run score: a cell's forget-set truth ratios at its last evaluation against the reference
+    run's (benchmark.withhold=3, same seed) after experience 0; other evaluations and groups are not read; a seed
+    without its reference run shows no value (NaN in the runs CSV) and the other seeds still count."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from clbench.metrics import PER_SAMPLE_HEADER, forget_quality
+
+    spec = tables.load_spec("o3") | {"name": "o3"}
+    spec["methods"] = [m for m in spec["methods"] if m["key"] in ("o3", "grad_ascent")]
+    (ref,) = tables.reference_cells(spec)
+    assert (ref.method, ref.column) == ("reference:forget_quality", "facts") and "benchmark.withhold=3" in ref.overrides
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("clbench", artifact_location=str(tmp_path / "art"))
+
+    def logged(overrides, seed, by_after):
+        rid = _log(client, exp_id, overrides, seed, 0.0, 0.0)
+        lines = [f"truth_ratio,{after},{1 + k % 3},forget_{1 + k % 3},{v}" for after, values in by_after.items()
+                 for k, v in enumerate(values)]
+        lines += [f"truth_ratio,{after},0,retain,{100 + after}" for after in by_after]  # another group: not read
+        client.log_text(rid, "\n".join([PER_SAMPLE_HEADER, *lines]) + "\n", "per_sample.csv")
+
+    cells = {(c.method, c.column): c for c in tables.cells(spec)}
+    retain = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    logged(ref.overrides, 0, {-1: [9.0] * 6, 0: retain, 3: [50.0] * 6})
+    unlearnt = [0.85, 0.95, 1.05, 1.15, 1.25, 1.35]
+    logged(cells[("o3", "facts")].overrides, 0, {0: [0.01] * 6, 3: unlearnt})
+    logged(cells[("o3", "facts")].overrides, 1, {3: unlearnt})  # its reference never ran
+    logged(cells[("grad_ascent", "facts")].overrides, 0, {3: [5.0, 6.0, 7.0, 8.0, 9.0, 10.0]})
+    runs, _ = tables.collect_runs(spec, uri, "clbench")
+    quality = {(r["method"], r["seed"]): r["forget_quality"] for r in runs}
+    assert quality[("o3", 0)] == pytest.approx(forget_quality(np.array(unlearnt), np.array(retain)), abs=1e-6)
+    assert quality[("o3", 0)] > 0.5 and math.isnan(quality[("o3", 1)])
+    assert quality[("grad_ascent", 0)] == pytest.approx(2 / math.comb(12, 6), abs=1e-6)  # fully separated
+    tables.write_runs_csv(runs, tmp_path / "o3_runs.csv", spec)
+    agg = tables.aggregate(spec, tables.read_runs_csv(tmp_path / "o3_runs.csv"))
+    assert agg[("o3", "facts")]["n"] == 2 and agg[("o3", "facts")]["forget_quality"][1] is None  # one value
+    md = tables.render_markdown(spec, agg)
+    assert f"{quality[('o3', 0)]:.3g} (n=2)" in next(line for line in md.splitlines() if line.startswith("| O3 (the"))
+    manifest = yaml.safe_load(tables.render_manifest(spec, agg, tables.cells(spec)))["o3"]
+    assert manifest["references"][0]["command"].endswith("benchmark.withhold=3 strategy=naive seed=0,1,2")

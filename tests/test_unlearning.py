@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,28 @@ def test_fictitious_facts_is_deterministic_from_the_seed(tmp_path):
     assert samples(0) != samples(1)
 
 
+def test_withhold_leaves_the_first_forget_groups_out_of_experience_0_and_nothing_else(tmp_path):
+    """The retain model's stream: experience 0 without the facts of forget groups 1..k; every other sample (the
+    requests, every test sample and its perturbed answers, the references) is the same as the full stream's."""
+    full, held = _stream(tmp_path), _stream(tmp_path, "benchmark.withhold=1")
+    groups = full.spec.groups
+
+    def items(stream, split: str):
+        return [[(s.prompt, s.answer, groups[s.group], s.perturbed) for s in e.dataset]
+                for e in getattr(stream.benchmark, split)]
+
+    learn_full, learn_held = items(full, "train_stream")[0], items(held, "train_stream")[0]
+    assert learn_held == [x for x in learn_full if x[2] != "forget_1"]
+    assert len(learn_full) - len(learn_held) == 4  # 2 authors × 2 facts
+    assert items(full, "train_stream")[1:] == items(held, "train_stream")[1:]
+    assert items(full, "test_stream") == items(held, "test_stream")
+    assert full.spec.per_sample == held.spec.per_sample == ("truth_ratio",)
+
+
 @pytest.mark.parametrize(("override", "key"), [
+    ("benchmark.withhold=3", "benchmark.withhold"),  # 2 requests: at most 2 groups to leave out
+    ("benchmark.withhold=-1", "benchmark.withhold"),
+    ("model.truth_ratio_mean=harmonic", "model.truth_ratio_mean"),
     ("benchmark.n_tasks=2", "benchmark.n_tasks"),  # 2 requests make 3 experiences
     ("benchmark.facts=6", "benchmark.facts"),
     ("benchmark.requests=0", "benchmark.requests"),
@@ -328,6 +350,8 @@ def test_npo_reference_survives_a_kill_in_the_middle_of_a_request(store, monkeyp
     np.testing.assert_array_equal(whole.R, resumed.R)
     for name, M in whole.others.items():
         np.testing.assert_array_equal(M, resumed.others[name], err_msg=name)
+    assert resumed.per_sample == whole.per_sample
+    assert len(whole.per_sample) == 3 * (2 + 4 + 4)  # 3 evaluations × 10 test samples
     state = clbench.checkpoint.load(clbench.checkpoint.checkpoint_path(cfg))
     assert state["anchors"]["train"]["npo_ref_logp"].shape == (4,)  # the request's 4 forget samples
     assert whole.others["loss.forget_1"][1, 1] > whole.others["loss.forget_1"][0, 1]  # NPO raised the forget NLL
@@ -348,3 +372,48 @@ def test_an_unlearning_run_forgets_the_requested_facts(store, strategy):
     assert np.isfinite(result.R).all() and np.isfinite(result.others["loss"]).all()
     if strategy == "grad_ascent":
         assert forget[1] <= 25.0, forget
+
+
+def test_per_sample_truth_ratios_are_the_samples_behind_the_logged_means(store):
+    """Every evaluation keeps each test sample's truth ratio (per_sample.csv, logged as an artifact): their mean per
+    group and evaluation is the logged mean."""
+    from mlflow.tracking import MlflowClient
+
+    from clbench.experiment import run
+    from clbench.metrics import per_sample_values
+
+    cfg = run_config(store, *RUN, "strategy=naive", "engine.epochs=2")
+    result = run(cfg)
+    text = "\n".join(["score,after_experience,test_experience,group,value", *result.per_sample])
+    for after in (-1, 0, 1):
+        row = result.initial if after == -1 else None
+        for group, j in (("forget_1", 1), ("retain", 0), ("general", 0)):
+            values = per_sample_values(text, "truth_ratio", after, [group])
+            assert len(values) == {"forget_1": 4, "retain": 4, "general": 8}[group]
+            logged = result.others[f"truth_ratio.{group}"][after, j] if row is None else None
+            if logged is not None:
+                assert values.mean() == pytest.approx(logged, rel=1e-9)
+    np.testing.assert_array_equal(per_sample_values(text, "truth_ratio", None, ["forget_1"]),
+                                  per_sample_values(text, "truth_ratio", 1, ["forget_1"]))
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    path = client.download_artifacts(result.run_id, "per_sample.csv", str(store / "artifact"))
+    assert Path(path).read_text() == text + "\n"
+
+
+def test_forget_quality_tells_the_model_that_learnt_the_facts_from_the_retain_model(store):
+    """TOFU's KS-test forget quality after experience 0: the model that learnt forget_1 (truth ratios ≪ 1) against
+    the retain model that never did (benchmark.withhold=1): the 4 + 4 truth ratios separate completely, the smallest
+    p-value two samples of 4 can give (2 / C(8, 4) = 0.0286); the retain model against itself: 1."""
+    from clbench.experiment import run
+    from clbench.metrics import forget_quality, per_sample_values
+
+    def ratios(*overrides: str) -> np.ndarray:
+        result = run(run_config(store, *RUN, "strategy=naive", "engine.epochs=2", *overrides))
+        text = "\n".join(["score,after_experience,test_experience,group,value", *result.per_sample])
+        return per_sample_values(text, "truth_ratio", 0, ["forget_1"])
+
+    learnt, never = ratios(), ratios("benchmark.withhold=1")
+    assert learnt.max() < never.min(), (learnt, never)
+    assert forget_quality(learnt, never) == pytest.approx(2 / math.comb(8, 4), rel=1e-9)
+    assert forget_quality(never, never) == 1.0
+    assert forget_quality(1 / learnt, 1 / never) == forget_quality(learnt, never)  # TOFU's code inverts R

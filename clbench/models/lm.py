@@ -67,6 +67,8 @@ FAMILIES = (CAUSAL, SEQ2SEQ)
 ADAPTERS = ("lora", "none")
 TRUNCATIONS = ("left", "refuse")
 DPO_REFERENCES = ("stage_start", "base")
+TRUTH_RATIO_MEANS = ("geometric", "arithmetic")
+"""``model.truth_ratio_mean``: TOFU's code (the published numbers) and the paper's printed equation."""
 REJECTED = "rejected_"
 """Prefix of a preference batch's tensors of the rejected answers (the chosen ones have the plain keys)."""
 PARAPHRASE, PERTURBED = "para_", "pert"
@@ -113,6 +115,9 @@ class LMConfig(ModelConfig):
             it fine-tune the whole model with the adapter layers off (0: LoRA from the start). A stand-in's
             "learn" experience teaches a random-init model what the adapter methods then work on (O3's
             unlearning LoRA on a model that learnt the facts in experience 0).
+        truth_ratio_mean: how TOFU's truth ratio averages the perturbed answers' probabilities p(â_k):
+            ``geometric`` (exp of the mean log-probability: TOFU's code, which produced its published numbers, the
+            default) or ``arithmetic`` (the mean probability: the equation as printed in Maini et al. 2024, §2.5).
     """
 
     name: str = CAUSAL
@@ -131,6 +136,7 @@ class LMConfig(ModelConfig):
     dpo_reference: str = "stage_start"
     download: bool = False
     adapter_from: int = 0
+    truth_ratio_mean: str = "geometric"
 
     def validate(self) -> None:
         """Raise :class:`~clbench.config.ConfigError` naming ``model.<key>`` for a value out of range or not among
@@ -166,6 +172,8 @@ class LMConfig(ModelConfig):
         _check(self.adapter_from == 0 or self.adapter == "lora", "adapter_from",
                f"{self.adapter_from} switches from full fine-tuning to the LoRA adapter, which needs "
                "model.adapter=lora")
+        _check(self.truth_ratio_mean in TRUTH_RATIO_MEANS, "truth_ratio_mean",
+               f"'{self.truth_ratio_mean}' is not one of {list(TRUTH_RATIO_MEANS)}")
         _check(self.dpo_reference != "base" or self.adapter == "lora", "dpo_reference",
                "'base' is the model with its LoRA adapters disabled, which needs model.adapter=lora; use stage_start "
                "for full fine-tuning")
@@ -318,6 +326,7 @@ class LanguageModel(LoraAdapters, ContinualModel):
         self.dpo_beta = cfg.dpo_beta
         self.dpo_base_reference = cfg.dpo_reference == "base"
         self.refusal = refusal
+        self.geometric_truth = cfg.truth_ratio_mean == "geometric"
         self.adapter_from = cfg.adapter_from if lora_config is not None else 0
         self.full = False  # training the whole model with the adapter layers off (before ``adapter_from``)
         self.begin_experience(0)
@@ -545,12 +554,19 @@ class LanguageModel(LoraAdapters, ContinualModel):
 
     def _truth_scores(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """TOFU's scores against perturbed answers (Maini et al. 2024, §2.5), with p(a) = P(a|q)^(1/|a|) the
-        length-normalised probability (exp of minus the mean answer NLL): ``truth_ratio`` R = mean_k p(â_k) / p(ã)
-        (â_k the sample's perturbed answers, ã the paraphrase; ≈ 1 when the model cannot tell the true answer from
-        false ones, ≪ 1 when it knows it); ``truth`` = 100·max(0, 1 − R) (TOFU's utility form); ``probability_mc``
-        = 100·p(a) / (p(a) + Σ_k p(â_k)) (TOFU's probability on real authors and world facts). Computed from log
-        probabilities, so answers driven to a vanishing probability (gradient ascent) give finite scores; log R is
-        clipped to ±:data:`LOG_RATIO_CLIP`."""
+        length-normalised probability (exp of minus the mean answer NLL), â_k the sample's K perturbed answers and ã
+        its paraphrase:
+
+        * ``truth_ratio`` R = M_k p(â_k) / p(ã), M the geometric mean (TOFU's code: exp of the mean log-probability,
+          ``model.truth_ratio_mean=geometric``) or the arithmetic mean (the paper's equation, ``arithmetic``);
+          R ≈ 1 when the model cannot tell the true answer from false ones, R ≪ 1 when it knows it;
+        * ``truth`` = 100·max(0, 1 − R) (TOFU's truth ratio on retained data, higher is better);
+        * ``truth_closeness`` = 100·min(R, 1/R) (TOFU's truth ratio on a forget set: 100 when the model is as
+          unsure of the true answer as of the false ones);
+        * ``probability_mc`` = 100·p(a) / (p(a) + Σ_k p(â_k)) (TOFU's probability on real authors and world facts).
+
+        Computed from log probabilities, so answers driven to a vanishing probability (gradient ascent) give finite
+        scores; log R is clipped to ±:data:`LOG_RATIO_CLIP`."""
         with self.gated(batch.get(GATE)):
             para = -self._mean_nll(_prefixed(batch, PARAPHRASE)).to(torch.float64)
             pert = []
@@ -560,13 +576,15 @@ class LanguageModel(LoraAdapters, ContinualModel):
                 k += 1
         logp = torch.stack(pert, 1)  # log p(â_k), (n, K)
         counted = torch.arange(k, device=logp.device) < batch[PERTURBED + "_count"][:, None].to(logp.device)
-        logp = logp.masked_fill(~counted, -math.inf)  # a sample's own perturbed answers only
-        log_sum = torch.logsumexp(logp, 1)
-        log_ratio = (log_sum - counted.sum(1).log() - para).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+        n = counted.sum(1)
+        log_sum = torch.logsumexp(logp.masked_fill(~counted, -math.inf), 1)  # a sample's own perturbed answers only
+        log_mean = logp.masked_fill(~counted, 0.0).sum(1) / n if self.geometric_truth else log_sum - n.log()
+        log_ratio = (log_mean - para).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
         ratio = log_ratio.exp()
         answer = -loss.to(torch.float64)  # log p(a)
         mc = torch.exp(answer - torch.logaddexp(answer, log_sum))
-        return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0), "probability_mc": 100.0 * mc}
+        return {"truth_ratio": ratio, "truth": 100.0 * (1.0 - ratio).clamp_min(0.0),
+                "truth_closeness": 100.0 * torch.exp(-log_ratio.abs()), "probability_mc": 100.0 * mc}
 
     def _mean_nll(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mean answer-token NLL of every sample, ``(n,)``."""

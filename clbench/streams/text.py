@@ -119,6 +119,8 @@ class TextStreamSpec:
             per group present in a test experience, as ``<score>.<group>``.
         refusal: the stream's refusal answer, if it has one: a language model then also scores ``refused`` (100
             when its greedy answer is this text, after normalisation), e.g. ``refused.benign`` = over-refusal.
+        per_sample: scores whose per-sample values every evaluation keeps (the run's ``per_sample.csv`` artifact,
+            :class:`clbench.metrics.PerSample`), e.g. ``truth_ratio`` for TOFU's KS-test forget quality.
     """
 
     name: str
@@ -128,6 +130,7 @@ class TextStreamSpec:
     primary_score: str = "exact_match"
     groups: tuple[str, ...] = ()
     refusal: str | None = None
+    per_sample: tuple[str, ...] = ()
 
 
 STREAM_TASKS = {"keyword_topics": src.MAX_KEYWORD_TASKS, "offline_text": 4, "olora_standard": 4, "olora_long": 15}

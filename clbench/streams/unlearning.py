@@ -13,6 +13,9 @@ forget the facts of disjoint author groups, one group per request.
   when it does not know), and the general skill, modular addition (``add 3 and 9 modulo ten .`` → ``2``,
   :func:`clbench.streams.alignment.arithmetic_question`), so the model *knows* them before any request.
 * **Experience t = 1..T, request t** (``T = requests``): the forget set D_t, the facts of author group t.
+* **Retain model** (``withhold = k``): experience 0 without the facts of groups 1..k, so the model never learns
+  them (the rest of the stream is unchanged); its evaluation after experience 0 is the reference of TOFU's KS-test
+  forget quality for requests 1..k (:func:`clbench.metrics.forget_quality`, ``clbench report``).
 
 Test experiences and groups (``TextStreamSpec.groups`` = ``forget_1 … forget_T, retain, general``; every score is
 also averaged per group as ``<score>.<group>``):
@@ -33,7 +36,9 @@ So, with R the ``exact_match`` matrix (row i = after experience i):
   (every test sample carries :data:`PERTURBED` of them, :func:`with_perturbed`): R ≈ 1 when the model no longer
   tells the true answer from wrong ones of the same kind.
 
-ACC / BWT are defined as for any stream but mean little here (a falling forget column is the goal).
+Every evaluation keeps each test sample's ``truth_ratio`` (``TextStreamSpec.per_sample``: the run's
+``per_sample.csv``). ACC / BWT are defined as for any stream but mean little here (a falling forget column is the
+goal).
 ``Stream.references = {"retain": the retain authors' facts}`` (the same samples as test experience 0's retain
 group: TOFU's retain set is retained training data), for baselines that fine-tune on retained data (GradDiff, PO);
 O3 itself uses none. All draws come from the stream seed.
@@ -96,6 +101,10 @@ class UnlearningStreamConfig(TextStreamConfig):
             model knows when and how to say "i do not know" before any request (a chat LLM such as TOFU's base
             does): without them the refusal's tokens are never trained, and an adapter on a frozen output layer
             cannot learn to say it (measured: the NLL stalls near 7). 0: none.
+        withhold: experience 0 leaves out the facts of forget groups 1..``withhold`` (every draw and every test
+            sample stay the same): the *retain model* of TOFU's forget quality, which never learnt what request 1..k
+            forgets (TOFU's retain90 for forget10). ``withhold=requests``: the reference after the last request. 0:
+            experience 0 learns every fact.
     """
 
     name: str = "fictitious_facts"
@@ -106,6 +115,7 @@ class UnlearningStreamConfig(TextStreamConfig):
     retain_authors: int = 8
     facts: int = 3
     unknown_authors: int = 4
+    withhold: int = 0
 
     def validate(self) -> None:
         check(isinstance(self.unknown_authors, int) and self.unknown_authors >= 0, "benchmark.unknown_authors",
@@ -115,6 +125,9 @@ class UnlearningStreamConfig(TextStreamConfig):
             check(isinstance(value, int) and value >= 1, f"benchmark.{key}", f"{value}; must be an integer >= 1")
         check(isinstance(self.facts, int) and 1 <= self.facts <= len(ATTRIBUTES), "benchmark.facts",
               f"{self.facts}; must be in 1..{len(ATTRIBUTES)} (one per attribute)")
+        check(isinstance(self.withhold, int) and 0 <= self.withhold <= self.requests, "benchmark.withhold",
+              f"{self.withhold}; must be an integer in 0..benchmark.requests={self.requests} (the forget groups "
+              "experience 0 leaves out)")
         check(self.n_tasks in (1, 1 + self.requests), "benchmark.n_tasks",
               f"{self.n_tasks}; benchmark.requests={self.requests} makes {1 + self.requests} experiences (learn + "
               f"one per request): set benchmark.n_tasks={1 + self.requests} (or 1: the learn experience alone)")
@@ -189,7 +202,7 @@ def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
     general_test = [(*arithmetic_question(g_test), general) for _ in range(n_test)]
     unknown = [(template.format(name=name), REFUSE, general) for name in names[known:]
                for template, _ in ATTRIBUTES[: cfg.facts]]
-    every_fact = [f for group in by_group for f in group] + unknown
+    every_fact = [f for group in by_group[cfg.withhold:] for f in group] + unknown
     requests = [grouped_samples(by_group[t - 1], t) for t in range(1, T + 1)]
     train = [grouped_samples(every_fact + general_train, 0), *requests]
     g_perturb = generator(s, _PERTURB)
@@ -197,7 +210,8 @@ def build_fictitious_facts(cfg: BenchmarkConfig, seed: int) -> Stream:
             *(with_perturbed(r, g_perturb) for r in requests)]
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks,
                           task_names=("learn", *(f"request_{t}" for t in range(1, T + 1)))[: cfg.n_tasks],
-                          label_words=((),) * cfg.n_tasks, groups=names_of, refusal=REFUSE)
+                          label_words=((),) * cfg.n_tasks, groups=names_of, refusal=REFUSE,
+                          per_sample=("truth_ratio",))
     stream = assemble_text(cfg, s, spec, train[: cfg.n_tasks], test[: cfg.n_tasks])
     stream.references = {"retain": make_text_dataset(grouped_samples(by_group[T], 0), 0)}
     return stream

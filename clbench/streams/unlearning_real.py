@@ -580,7 +580,8 @@ def assemble_requests(cfg: TextStreamConfig, seed: int, names: tuple[str, ...], 
         trains = [_cap(learn, cfg.max_train_per_task, generator(seed, _TRAIN_CAP, T)), *forget]
         tests = [shared, *(forget[t] + held_c[t] for t in range(T))]
     spec = TextStreamSpec(name=cfg.name, n_tasks=cfg.n_tasks, task_names=tuple(task_names),
-                          label_words=((),) * cfg.n_tasks, groups=names, refusal=refusal)
+                          label_words=((),) * cfg.n_tasks, groups=names, refusal=refusal,
+                          per_sample=("truth_ratio",) if alternatives else ())
     return assemble_text(cfg, seed, spec, [_samples(items, k) for k, items in enumerate(trains)],
                          [_samples(items, k, alternatives) for k, items in enumerate(tests)])
 
