@@ -123,7 +123,7 @@ def engine_epoch(bm: Any, strategy_name: str) -> Callable[[], None]:
     from clbench.context import Context
     from clbench.engine import Engine
     from clbench.streams import Stream, StreamSpec, batch_source
-    from strategies import build_strategy, config_class
+    from strategies import build_strategy, strategy_config
 
     cfg = EngineConfig(epochs=1, batch_size=BATCH, lr=LR, accelerator="cpu", devices=1, progress="none",
                        checkpoint_every_epoch=False)
@@ -136,7 +136,7 @@ def engine_epoch(bm: Any, strategy_name: str) -> Callable[[], None]:
     ctx = Context(model=model, module=module, fabric=fabric, stream=Stream(spec, bm), seed=SEED, batch_size=BATCH,
                   sources=sources)
     ctx.train_source = sources(bm.train_stream[0].dataset)
-    strategy = build_strategy(config_class(strategy_name)())
+    strategy = build_strategy(strategy_config(strategy_name))
     strategy.setup(ctx)
     if strategy_name == "hlop":  # task 1's rows, frozen, then task 2's new rows (the PMNIST code's counts)
         g = torch.Generator().manual_seed(SEED)
@@ -158,6 +158,7 @@ def engine_epoch(bm: Any, strategy_name: str) -> Callable[[], None]:
             strategy.detach(ctx)
         ctx.optimizer = ctx.schedule = None
 
+    run.strategy = strategy  # type: ignore[attr-defined]  # for tests/test_benchmarks.py
     return run
 
 
