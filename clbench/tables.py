@@ -48,16 +48,24 @@ DEFAULT_SCORES = ({"key": "acc", "metric": "acc", "label": "ACC"}, {"key": "bwt"
 
 def scores(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The scores a reproduced cell shows, in order: the spec's ``scores`` (each a ``key``, a ``label`` and either
-    the MLflow ``metric`` whose last value it takes, or a list of metrics whose last values it averages, or a
-    two-run ``ks`` score: :func:`reference_cells`), else ACC / BWT."""
+    the MLflow ``metric`` whose last value it takes, or a list of metrics whose last values it averages (``mean:
+    hmean``: harmonically), or a two-run ``ks`` score: :func:`reference_cells`), else ACC / BWT."""
     return list(spec.get("scores") or DEFAULT_SCORES)
 
 
-def score_value(metrics: dict[str, float], metric: str | list[str]) -> float:
-    """A score of a run from its metrics' last values: ``metric``'s, or the mean of a list's (NaN if one is
-    missing)."""
-    names = [metric] if isinstance(metric, str) else list(metric)
-    return float(np.mean([metrics.get(n, math.nan) for n in names]))
+MEANS = ("mean", "hmean")
+"""How a score averages a list of metrics: arithmetic, or harmonic (TOFU's model utility: 0 when any is 0)."""
+
+
+def score_value(metrics: dict[str, float], metric: str | list[str], mean: str = "mean") -> float:
+    """A score of a run from its metrics' last values: ``metric``'s, or the ``mean`` (:data:`MEANS`) of a list's
+    (NaN if one is missing)."""
+    if mean not in MEANS:
+        raise ValueError(f"a table score's mean must be one of {MEANS}, got {mean!r}")
+    values = np.array([metrics.get(n, math.nan) for n in ([metric] if isinstance(metric, str) else metric)])
+    if mean == "hmean" and not np.isnan(values).any():
+        return 0.0 if (values <= 0).any() else float(len(values) / np.sum(1.0 / values))
+    return float(np.mean(values))
 
 
 def run_fields(spec: dict[str, Any]) -> tuple[str, ...]:
@@ -212,7 +220,8 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
                 continue
             m = r.data.metrics
             clients[r.info.run_id] = client
-            extra = {sc["key"]: round(score_value(m, sc["metric"]), 4) for sc in scores(spec) if "ks" not in sc}
+            extra = {sc["key"]: round(score_value(m, sc["metric"], sc.get("mean", "mean")), 4)
+                     for sc in scores(spec) if "ks" not in sc}
             found.append((r.info.start_time, {
                 "column": cell.column, "method": cell.method, "seed": seed, "config_key": cell.config_key,
                 "run_id": r.info.run_id, **{k: round(m[k], 4) for k in HEADLINE}, **extra}))

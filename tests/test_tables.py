@@ -196,6 +196,11 @@ def test_a_score_may_average_several_metrics_and_a_missing_one_is_nan():
     assert tables.score_value({"a": 1.0, "b": 3.0}, "a") == 1.0
     assert tables.score_value({"a": 1.0, "b": 3.0}, ["a", "b"]) == 2.0
     assert math.isnan(tables.score_value({"a": 1.0}, ["a", "b"]))
+    assert tables.score_value({"a": 1.0, "b": 3.0}, ["a", "b"], "hmean") == 1.5  # 2 / (1 + 1/3)
+    assert tables.score_value({"a": 0.0, "b": 3.0}, ["a", "b"], "hmean") == 0.0  # TOFU: any 0 makes it 0
+    assert math.isnan(tables.score_value({"a": 1.0}, ["a", "b"], "hmean"))
+    with pytest.raises(ValueError, match="hmean"):
+        tables.score_value({"a": 1.0}, "a", "median")
 
 
 def test_forget_quality_is_computed_from_each_run_and_its_reference_run(tmp_path):
