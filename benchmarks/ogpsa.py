@@ -27,8 +27,8 @@ from benchmarks._common import finish, paired_ratio, parse_args, timeit_rounds
 from clbench.context import Context
 from clbench.models.lm import LMConfig, build_lm
 from clbench.streams import build_stream
+from clbench.streams.alignment import AlignmentStreamConfig
 from clbench.streams.batches import TensorBatchSource
-from clbench.streams.text import TextStreamConfig
 from strategies.ogpsa import OGPSA, OGPSAConfig
 
 REFS = ("arithmetic", "recall")
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], setup, argv, repeats=15)
     torch.manual_seed(0)
     model = build_lm(LMConfig(name="causal_lm", adapter=args.adapter, lora_dropout=0.0))
-    stream = build_stream(TextStreamConfig(name="safety_toy", n_tasks=2, task_prefix=False), 0)
+    stream = build_stream(AlignmentStreamConfig(stages=["sft"], n_tasks=2), 0)
     safety = stream.benchmark.train_stream[1].dataset
     batch = model.collate([safety[i] for i in range(8)])
     refs = {k: TensorBatchSource(**model.collate(list(stream.references[k]))) for k in REFS}
     ctx = Context(model=model, module=model, fabric=Fabric(accelerator="cpu", devices=1),  # type: ignore[arg-type]
-                  stream=SimpleNamespace(references=refs, spec=SimpleNamespace(name="safety_toy")), seed=0,
+                  stream=SimpleNamespace(references=refs, spec=stream.spec), seed=0,
                   batch_size=8, sources=lambda source: source)
     strategy = OGPSA(OGPSAConfig(name="ogpsa", ref_sets=list(REFS), ref_samples=args.ref_samples,
                                  refresh_every=args.refresh_every))
