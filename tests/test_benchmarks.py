@@ -30,3 +30,12 @@ def test_the_ogpsa_benchmark_runs_end_to_end():
 
     out = main(["--repeats", "1", "--ref-samples", "8"])
     assert out["basis_floats"] > 0 and out["ratio"] > 0 and out["adapter"] == "lora"
+
+
+def test_the_o3_and_olora_benchmarks_run_end_to_end():
+    """Both at their smallest (one timed repeat; O3 with one request's detector)."""
+    from benchmarks.o3 import main as o3
+    from benchmarks.olora import main as olora
+
+    assert o3(["--repeats", "1", "--requests", "1"])
+    assert olora(["--repeats", "1"])
