@@ -15,9 +15,12 @@ exact top-k subspace, and the energy they capture over the exact subspace's (1 =
 * ``naive``: clbench's engine with the naive strategy (the production path of ``benchmarks.loop``);
 * ``hlop``: clbench's engine with HLOP in the state of task 2 of the PMNIST code (80/200/100 frozen rows and 70
   new rows per layer): the Hebbian step (5 iterations on the rate activity of each protected layer) and the
-  projection G(I − H_oldᵀH_old) in every step.
+  projection G(I − H_oldᵀH_old) in every step;
+* ``naive_shared``, ``hlop_shared``: the same with ``model.time_shared_grad`` (the 800 × 800 layer's gradients
+  computed once for all 20 steps, as DSR makes them equal).
 
-Reported: samples/s, hlop/naive − 1 (the target: HLOP's overhead ≤ 15 % of a naive step) and naive/slice.
+Reported: samples/s, hlop/naive − 1 (the target: HLOP's overhead ≤ 15 % of a naive step), naive/slice, and the
+speed-up of ``time_shared_grad`` with HLOP's overhead over the faster naive step.
 
 Run: ``python -m benchmarks.hlop [--part extraction|throughput|both] [--json PATH] [--repeats N]``.
 """
@@ -92,10 +95,10 @@ def extraction(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def make_snn() -> SpikingMLP:
+def make_snn(time_shared: bool = False) -> SpikingMLP:
     torch.manual_seed(SEED)
     return SpikingMLP((784,), [800, 800], (10,), multi_head=False, n_classes=10, time_steps=20,
-                      neuron=lambda: make_neuron("dsr"))
+                      neuron=lambda: make_neuron("dsr"), time_shared_grad=time_shared)
 
 
 def slice_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -115,8 +118,9 @@ def slice_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def engine_epoch(bm: Any, strategy_name: str) -> Callable[[], None]:
-    """clbench's engine on one experience with ``naive`` or ``hlop`` (HLOP put in the state of task 2)."""
+def engine_epoch(bm: Any, strategy_name: str, time_shared: bool = False) -> Callable[[], None]:
+    """clbench's engine on one experience with ``naive`` or ``hlop`` (HLOP put in the state of task 2), the net
+    with ``model.time_shared_grad`` when ``time_shared``."""
     from lightning.fabric import Fabric
 
     from clbench.config import EngineConfig
@@ -128,7 +132,7 @@ def engine_epoch(bm: Any, strategy_name: str) -> Callable[[], None]:
     cfg = EngineConfig(epochs=1, batch_size=BATCH, lr=LR, accelerator="cpu", devices=1, progress="none",
                        checkpoint_every_epoch=False)
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
-    module = make_snn()
+    module = make_snn(time_shared)
     model = fabric.setup_module(module)
     model.mark_forward_method("loss")
     spec = StreamSpec("bench_snn", 2, (784,), (10,), 10, multi_head=False)
@@ -167,13 +171,17 @@ def throughput(repeats: int) -> dict[str, Any]:
     x = torch.randn(640, 784, generator=g)
     y = torch.randint(0, 10, (640,), generator=g)
     bm = one_experience(x, y)
-    fns = {"slice": slice_epoch(x, y), "naive": engine_epoch(bm, "naive"), "hlop": engine_epoch(bm, "hlop")}
+    fns = {"slice": slice_epoch(x, y), "naive": engine_epoch(bm, "naive"), "hlop": engine_epoch(bm, "hlop"),
+           "naive_shared": engine_epoch(bm, "naive", time_shared=True),
+           "hlop_shared": engine_epoch(bm, "hlop", time_shared=True)}
     times = timeit_rounds(fns, repeats=repeats, warmup=1)
     med = {k: float(np.median(v)) for k, v in times.items()}
     overhead = paired_ratio(times["hlop"], times["naive"]) - 1.0
     return {"samples_per_s": {k: x.shape[0] / v for k, v in med.items()},
             "hlop_overhead": overhead, "naive_over_slice": paired_ratio(times["naive"], times["slice"]),
-            "overhead_target": TARGET_OVERHEAD, "overhead_met": overhead <= TARGET_OVERHEAD}
+            "overhead_target": TARGET_OVERHEAD, "overhead_met": overhead <= TARGET_OVERHEAD,
+            "time_shared_speedup": {k: paired_ratio(times[k], times[f"{k}_shared"]) for k in ("naive", "hlop")},
+            "hlop_overhead_shared": paired_ratio(times["hlop_shared"], times["naive_shared"]) - 1.0}
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +208,9 @@ def main() -> dict[str, Any]:
                   f"hlop {sps['hlop']:.0f} samples/s; HLOP overhead {t['hlop_overhead'] * 100:+.1f}% (target ≤ "
                   f"{TARGET_OVERHEAD * 100:.0f}%: {'met' if t['overhead_met'] else 'MISSED'}); naive/slice "
                   f"{t['naive_over_slice']:.2f}")
+            fast = t["time_shared_speedup"]
+            print(f"model.time_shared_grad: naive {fast['naive']:.2f}× and hlop {fast['hlop']:.2f}× faster; HLOP "
+                  f"overhead over the faster naive {t['hlop_overhead_shared'] * 100:+.1f}%")
     payload["seconds"] = time.perf_counter() - start
     return finish(args, payload)
 

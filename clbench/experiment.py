@@ -289,6 +289,9 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
             federation.load_state_dict(state["federation"], module)
         R, b, start, others = state["R"], state["initial"], state["experience"], state["others"]
         per_sample = list(state.get("per_sample", []))
+        if kept_scores and "per_sample" not in state:
+            print(f"warning: {path} predates per-sample scores: this run's per_sample.csv will hold only the "
+                  "evaluations from here on")
         print(f"Resuming {run_name(cfg)} from {path} (experience {min(start + 1, T)}/{T}, "
               f"epoch {state['next_epoch']})")
     elif cfg.resume:

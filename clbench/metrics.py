@@ -7,6 +7,8 @@ including j > i, which FWT needs). ``b[j]`` is the accuracy of the initial (untr
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,13 +109,14 @@ class PerSample:
 
     def lines(self, after: int, test_experience: int, group_names: Sequence[str]) -> list[str]:
         """CSV lines ``score,after_experience,test_experience,group,value`` (:data:`PER_SAMPLE_HEADER`; group ""
-        where none)."""
-        out = []
+        where none; quoted as CSV where a name needs it)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
         for name, chunks in self.values.items():
             for values, groups in zip(chunks, self.groups[name], strict=True):
-                out += [f"{name},{after},{test_experience},{group_names[g] if g >= 0 else ''},{v:.10g}"
-                        for v, g in zip(values.tolist(), groups.tolist(), strict=True)]
-        return out
+                writer.writerows([name, after, test_experience, group_names[g] if g >= 0 else "", f"{v:.10g}"]
+                                 for v, g in zip(values.tolist(), groups.tolist(), strict=True))
+        return buf.getvalue().splitlines()
 
 
 PER_SAMPLE_HEADER = "score,after_experience,test_experience,group,value"
@@ -123,7 +126,7 @@ PER_SAMPLE_HEADER = "score,after_experience,test_experience,group,value"
 def per_sample_values(text: str, score: str, after: int | None, groups: Sequence[str]) -> np.ndarray:
     """The values of ``score`` in a ``per_sample.csv`` text for the samples of ``groups`` evaluated after
     experience ``after`` (−1: the initial evaluation; None: the last one)."""
-    rows = [line.split(",") for line in text.strip().splitlines()[1:]]
+    rows = list(csv.reader(io.StringIO(text.strip())))[1:]
     mine = [r for r in rows if r[0] == score]
     if after is None:
         after = max((int(r[1]) for r in mine), default=-1)

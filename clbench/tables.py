@@ -181,7 +181,7 @@ def _ks_values(spec: dict[str, Any], rows: list[dict[str, Any]], references: dic
                 continue
             mine = per_sample_values(text(row["run_id"]), ks["score"], None, ks["groups"])
             theirs = per_sample_values(text(ref), ks["score"], ks.get("reference_after", 0), ks["groups"])
-            row[sc["key"]] = round(forget_quality(mine, theirs), 6)
+            row[sc["key"]] = float(f"{forget_quality(mine, theirs):.6g}")  # significant digits: p may be 1e-20
     for key, column, seed in sorted(missing):
         print(f"clbench report: no reference run for '{key}' in column '{column}', seed {seed} "
               "(`--commands` prints its command)")
@@ -195,7 +195,9 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
     from mlflow.tracking import MlflowClient
 
     wanted = {c.config_key: c for c in cells(spec)}
-    refs = {c.config_key: c for c in reference_cells(spec)}
+    refs: dict[str, list[Cell]] = {}  # config_key → the reference cells it serves (two scores may share one)
+    for c in reference_cells(spec):
+        refs.setdefault(c.config_key, []).append(c)
     seeds = set(spec["seeds"])
     found: list[tuple[int, dict[str, Any]]] = []  # (start time, row)
     found_refs: list[tuple[int, tuple[str, str, int], str]] = []  # (start time, (score, column, seed), run id)
@@ -214,8 +216,8 @@ def collect_runs(spec: dict[str, Any], uri: str, experiment: str) -> tuple[list[
             seed = int(r.data.params.get("seed", -1))
             if key in refs and seed in seeds:
                 clients[r.info.run_id] = client
-                found_refs.append((r.info.start_time, (refs[key].method.split(":", 1)[1], refs[key].column, seed),
-                                   r.info.run_id))
+                found_refs += [(r.info.start_time, (c.method.split(":", 1)[1], c.column, seed), r.info.run_id)
+                               for c in refs[key]]
             if cell is None or seed not in seeds:
                 continue
             m = r.data.metrics
@@ -295,6 +297,8 @@ def aggregate(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[tuple[st
                 values = [r[score["key"]] for r in mine
                           if not ("ks" in score and math.isnan(r.get(score["key"], math.nan)))]
                 entry[score["key"]] = _mean_std(values) if values else None  # a two-run score without reference
+                if "ks" in score:
+                    entry[f"{score['key']}_n"] = len(values)  # the seeds whose reference ran
             pub = (m.get("published") or {}).get(col.get("stands_in_for") or col["key"])
             entry["published"] = None if pub is None else {
                 "acc": pub[0], "acc_std": pub[1], "bwt": pub[2], "bwt_std": pub[3], "source": pub[4]}
@@ -348,11 +352,17 @@ def render_markdown(spec: dict[str, Any], agg: dict[tuple[str, str], dict[str, A
             if c["key"] in mine:
                 planned = (m.get("overrides") or {}).get(c["key"]) is not None
                 shown = " / ".join(_fmt(*(e[sc["key"]] or (None, None)), p_value="ks" in sc)
+                                   + (f" [n={e[sc['key'] + '_n']}]" if e.get(sc["key"] + "_n", e["n"]) != e["n"]
+                                      else "")
                                    for sc in scores(spec)) if e["n"] else ""
                 row.append(f"{shown} (n={e['n']})" if e["n"] else "not run yet" if planned else "–")
         lines.append("| " + " | ".join(row) + " |")
     labels = " / ".join(sc["label"] for sc in scores(spec))
-    lines += ["", f"Cells: {labels} in %, mean ± std (sample std over seeds; n = seeds). Stand-ins:"]
+    two_run = any("ks" in sc for sc in scores(spec))
+    unit = "in % (the two-run scores: p-values)" if two_run else "in %"
+    seeds = "n = seeds; [n = …]: the seeds of a two-run score whose reference ran, where fewer" if two_run \
+        else "n = seeds"
+    lines += ["", f"Cells: {labels} {unit}, mean ± std (sample std over seeds; {seeds}). Stand-ins:"]
     lines += [f"- {c['title']}: {c['stand_in']}" for c in cols if c["stand_in"]]
     covered = {c.get("stands_in_for") for c in cols}  # a real benchmark another column stands in for
     lines += [f"- {c['title']}: {c.get('note', 'no offline stand-in run yet')}" for c in cols

@@ -87,6 +87,10 @@ def test_evaluate_accumulates_in_float64_and_keeps_chosen_scores_per_sample():
     assert metrics.per_sample_values(text, "v", 2, ["b"]).tolist() == [1e8 + 2, 1e8 + 4]
     assert metrics.per_sample_values(text, "v", None, ["a", "b"]).size == 3
     assert metrics.per_sample_values(text, "w", 2, ["a"]).size == 0  # not kept
+    comma = metrics.PerSample(("v",))
+    comma.add({"v": values[:1]}, torch.tensor([0]))
+    quoted = "\n".join([metrics.PER_SAMPLE_HEADER, *comma.lines(0, 0, ("a, b",))])
+    assert metrics.per_sample_values(quoted, "v", 0, ["a, b"]).tolist() == [1e8 + 1]  # a group name with a comma
 
 
 def test_forget_quality_is_the_ks_test_p_value():

@@ -232,3 +232,44 @@ def test_model_config_checks(tmp_path):
         extra = ("model.neuron=bptt",) if override == "model.tau=0.5" else ()
         with pytest.raises(ConfigError, match=key):
             run_config(tmp_path, "model=snn_mlp", override, *extra)
+
+
+@pytest.mark.parametrize(("neuron", "shared"), [("dsr", True), ("bptt", False)])
+def test_time_shared_linear_gives_the_gradients_of_nn_linear(monkeypatch, neuron, shared):
+    """model.time_shared_grad: every parameter's gradient equals the plain net's to float rounding; under DSR the
+    layers over spikes take the once-for-all-steps route (their output gradient is one tensor expanded over T),
+    under BPTT (a gradient per step) the general one."""
+    from clbench.models import snn
+
+    plain = _net(neuron, steps=6, hidden=(24, 16, 12))
+    fast = SpikingMLP((2, 4, 4), [24, 16, 12], (5, 5), False, 5, time_steps=6, neuron=lambda: make_neuron(neuron),
+                      time_shared_grad=True)
+    fast.load_state_dict(plain.state_dict())
+    assert [type(m) for m in fast.hidden] == [torch.nn.Linear, snn.TimeSharedLinear, snn.TimeSharedLinear]
+    routes = []
+    backward = snn._TimeSharedLinearFn.backward
+
+    def spy(ctx, grad):
+        routes.append(grad.stride(1) == 0)
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(snn._TimeSharedLinearFn, "backward", staticmethod(spy))
+    x, y = _inputs(8), torch.arange(8) % 5
+    for net in (plain, fast):
+        torch.nn.functional.cross_entropy(net(x, torch.zeros(8, dtype=torch.long)), y).backward()
+    assert routes == [shared, shared]
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7 * float(p.grad.abs().max()) + 1e-12)
+    assert any(float(p.grad.abs().max()) > 0 for p in plain.hidden[1:].parameters())  # a gradient to compare
+
+
+def test_model_time_shared_grad_builds_time_shared_layers_over_spikes():
+    from clbench.models import build_model, model_config
+    from clbench.models.snn import TimeSharedLinear
+    from clbench.streams.core import StreamSpec
+
+    spec = StreamSpec("permuted_digits", 2, (64,), (10, 10), 10, False)
+    for flag in (False, True):
+        net = build_model(model_config("snn_mlp", hidden=[8, 8, 8], time_shared_grad=flag), spec)
+        assert [isinstance(m, TimeSharedLinear) for m in net.hidden] == [False, flag, flag]

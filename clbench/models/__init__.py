@@ -60,7 +60,8 @@ def _resnet18(cfg: ResNetConfig, spec: StreamSpec) -> ContinualModel:
 
 def _snn_mlp(cfg: SpikingMLPConfig, spec: StreamSpec) -> ContinualModel:
     return SpikingMLP(spec.input_shape, list(cfg.hidden), spec.classes_per_task, multi_head(cfg, spec),
-                      spec.n_classes, time_steps=cfg.time_steps, neuron=cfg.neuron_factory(), bias=cfg.bias)
+                      spec.n_classes, time_steps=cfg.time_steps, neuron=cfg.neuron_factory(), bias=cfg.bias,
+                      time_shared_grad=cfg.time_shared_grad)
 
 
 def _snn_cnn(cfg: SpikingCNNConfig, spec: StreamSpec) -> ContinualModel:

@@ -101,10 +101,10 @@ class UnlearningStreamConfig(TextStreamConfig):
             model knows when and how to say "i do not know" before any request (a chat LLM such as TOFU's base
             does): without them the refusal's tokens are never trained, and an adapter on a frozen output layer
             cannot learn to say it (measured: the NLL stalls near 7). 0: none.
-        withhold: experience 0 leaves out the facts of forget groups 1..``withhold`` (every draw and every test
-            sample stay the same): the *retain model* of TOFU's forget quality, which never learnt what request 1..k
-            forgets (TOFU's retain90 for forget10). ``withhold=requests``: the reference after the last request. 0:
-            experience 0 learns every fact.
+        withhold: experience 0 leaves out the facts of forget groups 1..``withhold`` (the requests, every test
+            sample and its perturbed answers stay the same): the *retain model* of TOFU's forget quality, which
+            never learnt what requests 1..k forget (TOFU's retain90 for forget10). ``withhold=requests``: the
+            reference after the last request. 0: experience 0 learns every fact.
     """
 
     name: str = "fictitious_facts"
