@@ -439,7 +439,7 @@ def _run_held(cfg: RunConfig, clients: Clients | None, path: Path, state: dict[s
     if not lead:
         return RunResult(R=R, initial=b, scores=metrics.summary(R, b), run_id=tracker.run_id, others=others,
                          per_sample=per_sample)
-    return replace(_finish_print(cfg, R, b, tracker.run_id, others, primary), per_sample=per_sample)
+    return _finish_print(cfg, R, b, tracker.run_id, others, primary, per_sample)
 
 
 def _anchored(ctx: Context, strategy: Strategy, source: BatchSource, batch_size: int, split: str,
@@ -488,11 +488,11 @@ def _close_failed(tracker: Tracker, error: BaseException) -> None:
 
 
 def _finish_print(cfg: RunConfig, R: np.ndarray, b: np.ndarray, run_id: str, others: dict[str, np.ndarray],
-                  primary: str) -> RunResult:
+                  primary: str, per_sample: list[str]) -> RunResult:
     scores = metrics.summary(R, b)
     print(f"\n== {run_name(cfg)}  (MLflow run {run_id})")
     print(f"{primary} matrix R (%), row i = after experience i, column j = test experience j:")
     print(format_matrix(R))
     print("  ".join(f"{k.upper() if k != 'forgetting' else 'forgetting'} {v:.2f}" for k, v in scores.items()))
-    return RunResult(R=R, initial=b, scores=scores, run_id=run_id, others=others)
+    return RunResult(R=R, initial=b, scores=scores, run_id=run_id, others=others, per_sample=per_sample)
 

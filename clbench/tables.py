@@ -179,8 +179,14 @@ def _ks_values(spec: dict[str, Any], rows: list[dict[str, Any]], references: dic
                 missing.add((sc["key"], row["column"], row["seed"]))
                 row[sc["key"]] = math.nan
                 continue
+            after = ks.get("reference_after", 0)
             mine = per_sample_values(text(row["run_id"]), ks["score"], None, ks["groups"])
-            theirs = per_sample_values(text(ref), ks["score"], ks.get("reference_after", 0), ks["groups"])
+            theirs = per_sample_values(text(ref), ks["score"], after, ks["groups"])
+            for run_id, values, when in ((row["run_id"], mine, "its last evaluation"), (ref, theirs, f"after {after}")):
+                if not len(values):
+                    raise SystemExit(f"clbench report: score '{sc['key']}': run {run_id}'s per_sample.csv has no "
+                                     f"'{ks['score']}' values of groups {ks['groups']} at {when}; check the spec's "
+                                     "ks.score, ks.groups and ks.reference_after")
             row[sc["key"]] = float(f"{forget_quality(mine, theirs):.6g}")  # significant digits: p may be 1e-20
     for key, column, seed in sorted(missing):
         print(f"clbench report: no reference run for '{key}' in column '{column}', seed {seed} "

@@ -72,6 +72,15 @@ def strategy_class(name: str) -> type[Strategy]:
 
 
 def build_strategy(cfg: Any) -> Strategy:
-    """Instantiate the strategy named by ``cfg.name`` with its typed config."""
+    """Instantiate the strategy named by ``cfg.name`` with its typed config.
+
+    Raises:
+        TypeError: ``cfg`` is another strategy's config class (e.g. ``HLOPConfig()``, whose ``name`` keeps the
+            base default ``naive``: :func:`strategy_config` names it), which would build the wrong strategy.
+    """
     _discover()
-    return _REGISTRY[cfg.name](cfg)
+    cls = _REGISTRY[cfg.name]
+    if type(cfg) is not cls.config_class:
+        raise TypeError(f"strategy '{cfg.name}' takes a {cls.config_class.__name__}, got a {type(cfg).__name__}; "
+                        f"build the config with strategies.strategy_config('{cfg.name}', ...)")
+    return cls(cfg)

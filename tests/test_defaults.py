@@ -75,3 +75,13 @@ def test_the_first_run_of_a_strategy_trains_visibly(workdir, name):
     overrides = FEDERATED_FIRST_RUN if is_federated(name) else TINY
     R = run(run_config(workdir, f"strategy={name}", *overrides)).R
     assert R[0, 0] >= MIN_ACC and R[1, 1] >= MIN_ACC, R
+
+
+def test_a_config_of_another_strategys_class_is_refused_not_built_as_that_name():
+    """HLOPConfig() keeps the base name 'naive': building it would silently give naive (how benchmarks/hlop.py
+    measured the wrong thing); it is refused, and strategy_config names the config."""
+    from strategies import build_strategy, config_class, strategy_config
+
+    with pytest.raises(TypeError, match=r"strategy 'naive' takes a .*got a HLOPConfig.*strategy_config\('naive'"):
+        build_strategy(config_class("hlop")())
+    assert type(build_strategy(strategy_config("hlop"))).__name__ == "HLOP"

@@ -245,5 +245,9 @@ def test_forget_quality_is_computed_from_each_run_and_its_reference_run(tmp_path
     md = tables.render_markdown(spec, agg)
     o3_line = next(line for line in md.splitlines() if line.startswith("| O3 (the"))
     assert o3_line.endswith(f"/ {quality[('o3', 0)]:.3g} [n=1] (n=2) |")  # one of the 2 seeds has its reference
+    wrong = spec | {"scores": [sc | {"ks": sc["ks"] | {"groups": ["forget_9"]}} if "ks" in sc else sc
+                               for sc in spec["scores"]]}
+    with pytest.raises(SystemExit, match=r"'forget_quality'.*no 'truth_ratio' values of groups \['forget_9'\]"):
+        tables.collect_runs(wrong, uri, "clbench")
     manifest = yaml.safe_load(tables.render_manifest(spec, agg, tables.cells(spec)))["o3"]
     assert manifest["references"][0]["command"].endswith("benchmark.withhold=3 strategy=naive seed=0,1,2")
